@@ -1,0 +1,279 @@
+"""Suite files: YAML validated into typed, frozen data.
+
+A suite says *what* to benchmark (datasets x methods x seeds x conditions) and
+*how big* (detector, schedule, resources). It is read with ``yaml.safe_load``
+and validated by pydantic with ``extra="forbid"`` everywhere, so a typo is an
+error naming the key path and the closest valid key, never a silently ignored
+setting. Method-specific fields are validated against the plugin's own
+``Config`` model (see :mod:`harness.method`), looked up in the registry.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3")
+ARCHS = ("faster_rcnn", "retinanet")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitSpec(Strict):
+    """One split of a COCO-format dataset: instances JSON + image root."""
+    annotations: str
+    images: str
+
+
+class SyntheticSpec(Strict):
+    """Parameters of the built-in synthetic shapes data (written as real COCO files)."""
+    train_images: int = Field(160, ge=1)
+    val_images: int = Field(48, ge=1)
+    seed: int = 0
+    image_size: int = Field(128, ge=32)
+    max_objects: int = Field(4, ge=1)
+
+
+class DatasetSpec(Strict):
+    name: str
+    format: Literal["coco", "synthetic"] = "coco"
+    train: SplitSpec | None = None
+    val: SplitSpec | None = None
+    synthetic: SyntheticSpec | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DatasetSpec":
+        if self.format == "coco" and (self.train is None or self.val is None):
+            raise ValueError("a 'coco' dataset needs both 'train' and 'val' splits")
+        if self.format == "synthetic" and self.synthetic is None:
+            object.__setattr__(self, "synthetic", SyntheticSpec())
+        return self
+
+
+class DetectorSpec(Strict):
+    """The detector every method of the suite builds on (a method may override fields)."""
+    arch: Literal["faster_rcnn", "retinanet"] | None = None  # None: the method's own
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3"] = "resnet18"
+    fpn_width: int = Field(64, ge=8)
+    image_size: int = Field(128, ge=32)
+    norm: Literal["bn", "gn", "frozen_bn"] = "bn"
+    init_checkpoint: str | None = None  # local file, loaded with weights_only=True
+    rpn_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 128
+    detections_per_img: int = 100
+
+
+class ScheduleSpec(Strict):
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.02, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = Field(50, ge=0)
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    grad_clip: float | None = 10.0
+    eval_every: int = Field(1, ge=1)  # validation AP every N epochs (and always at the end)
+
+
+Distribution = dict[Literal["uniform", "loguniform", "randint", "choice"], list[Any]]
+
+
+class SearchSpec(Strict):
+    """Hyperparameter search of one method: Optuna samples, ASHA stops early."""
+    space: dict[str, Distribution]
+    num_samples: int = Field(4, ge=1)
+    metric: str = "AP"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class MethodSpec(Strict):
+    name: str
+    label: str | None = None  # leaderboard name; default = name[variant]
+    config: dict[str, Any] = Field(default_factory=dict)
+    detector: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite detector
+    schedule: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite schedule
+    search: SearchSpec | None = None
+
+
+class ResourcesSpec(Strict):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    max_failures: int = Field(0, ge=0)  # Ray Train worker-group restarts per trial
+
+
+class Suite(Strict):
+    name: str
+    smoke: bool = False
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    detector: DetectorSpec = Field(default_factory=DetectorSpec)
+    methods: list[MethodSpec] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    conditions: list[Literal["clean"]] = Field(default_factory=lambda: ["clean"])
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    data_cache: str | None = None  # where generated data lives; default ~/.cache/detbench
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_datasets(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        names = [d.name for d in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate dataset names {sorted(dup)}")
+        return v
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return next(d for d in self.datasets if d.name == name)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (to list its valid keys)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        cur = next((a for a in getattr(ann, "__args__", (ann,)) + (ann,)
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        for a in getattr(ann, "__args__", ()):
+            for b in getattr(a, "__args__", ()):
+                if isinstance(b, type) and issubclass(b, BaseModel):
+                    cur = b
+        if cur is None:
+            return None
+    return cur
+
+
+def format_validation_error(err: ValidationError, file: str, model: type[BaseModel],
+                            prefix: tuple = ()) -> ConfigError:
+    e = err.errors()[0]
+    loc = prefix + tuple(e["loc"])
+    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(model, tuple(e["loc"]))
+        valid = list(owner.model_fields) if owner else []
+        msg = f"unknown key '{loc[-1]}'{_suggest(loc[-1], valid)}"
+        if valid:
+            msg += f"; valid keys: {', '.join(valid)}"
+    elif e["type"] == "literal_error":
+        msg = f"{msg}, got {e['input']!r}"
+        expected = e.get("ctx", {}).get("expected", "")
+        options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+        msg += _suggest(e["input"], options)
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(msg, file=file, field=path or None)
+
+
+def load_suite(path: str | Path, *, check_paths: bool = True) -> Suite:
+    """Read, validate and resolve a suite file; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("suite file not found", file=path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}invalid YAML: {getattr(exc, 'problem', exc)}", file=path) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("a suite must be a mapping of keys", file=path)
+    raw.setdefault("name", path.stem)
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, str(path), Suite) from None
+    return resolve_suite(suite, path, check_paths=check_paths)
+
+
+def _resolve_path(p: str, base: Path) -> str:
+    p = os.path.expandvars(os.path.expanduser(p))
+    return str((base / p).resolve()) if not os.path.isabs(p) else p
+
+
+def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suite:
+    """Check names against the registries and make dataset paths absolute."""
+    from harness.registry import METHODS  # the registry loads plugins lazily
+    base = path.resolve().parent
+    datasets = []
+    for i, ds in enumerate(suite.datasets):
+        upd = {}
+        for split in ("train", "val"):
+            sp = getattr(ds, split)
+            if sp is None:
+                continue
+            resolved = SplitSpec(annotations=_resolve_path(sp.annotations, base),
+                                 images=_resolve_path(sp.images, base))
+            for key in ("annotations", "images"):
+                p = getattr(resolved, key)
+                if check_paths and not os.path.exists(p):
+                    raise ConfigError(f"path does not exist: {p}", file=path,
+                                      field=f"datasets[{i}].{split}.{key}")
+            upd[split] = resolved
+        datasets.append(ds.model_copy(update=upd))
+    for i, m in enumerate(suite.methods):
+        method = METHODS.get(m.name, file=path, field=f"methods[{i}].name")
+        method.validate_config(m.config, file=str(path), prefix=("methods", i, "config"))
+        for key, model, base_spec in (("detector", DetectorSpec, suite.detector),
+                                      ("schedule", ScheduleSpec, suite.schedule)):
+            try:
+                model.model_validate({**base_spec.model_dump(), **getattr(m, key)})
+            except ValidationError as err:
+                raise format_validation_error(err, str(path), model, ("methods", i, key)) from None
+        if m.search:
+            for key in m.search.space:
+                method.check_search_key(key, file=str(path), field=f"methods[{i}].search.space.{key}")
+    labels = [method_label(m) for m in suite.methods]
+    dup = {lab for lab in labels if labels.count(lab) > 1}
+    if dup:
+        raise ConfigError(f"two methods share the leaderboard label {sorted(dup)}; give one a 'label'",
+                          file=path, field="methods")
+    data_cache = suite.data_cache and _resolve_path(suite.data_cache, base)
+    return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache})
+
+
+def method_label(m: MethodSpec) -> str:
+    if m.label:
+        return m.label
+    variant = m.config.get("variant")
+    return f"{m.name}[{variant}]" if variant else m.name
+
+
+def detector_for(suite: Suite, m: MethodSpec) -> DetectorSpec:
+    return DetectorSpec.model_validate({**suite.detector.model_dump(), **m.detector})
+
+
+def schedule_for(suite: Suite, m: MethodSpec) -> ScheduleSpec:
+    return ScheduleSpec.model_validate({**suite.schedule.model_dump(), **m.schedule})
+
+
+def data_cache_dir(suite: Suite) -> Path:
+    env = os.environ.get("DETBENCH_CACHE")
+    return Path(suite.data_cache or env or Path.home() / ".cache" / "detbench")

@@ -1,0 +1,185 @@
+"""Training and evaluation of one stage on one worker.
+
+:func:`run_stage` is plain PyTorch (optionally DDP): the Ray Train entry point
+in :mod:`harness.distributed` calls it with Ray's reporting and checkpoint
+hooks, and the benchmark calls it without Ray, so the harness overhead is
+measured on exactly the same loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from harness.config import DetectorSpec, ScheduleSpec
+from harness.data.loader import eval_loader, load_split, train_loader
+from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
+from harness.method import Method, StageContext
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the trial is failed with this reason, not retried."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, s: ScheduleSpec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def lr_factor(it: int, total: int, s: ScheduleSpec) -> float:
+    """Linear warm-up, then cosine / step (x0.1 at 2/3 and 8/9 of training) / constant."""
+    warm = min(1.0, (it + 1) / s.warmup_iters) if s.warmup_iters else 1.0
+    frac = it / max(1, total)
+    if s.lr_schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * frac))
+    if s.lr_schedule == "step":
+        return warm * (0.1 ** ((frac >= 2 / 3) + (frac >= 8 / 9)))
+    return warm
+
+
+def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world_size for k, v in zip(keys, t)}
+
+
+@torch.no_grad()
+def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8,
+                      world_size: int = 1, rank: int = 0, transform=None) -> dict[str, float]:
+    """COCO AP of ``detector`` on ``index``; images sharded over ranks, detections gathered."""
+    was_training = detector.training
+    detector.eval()
+    dets = []
+    for images, targets in eval_loader(index, batch_size, world_size=world_size, rank=rank):
+        if transform is not None:
+            images = [transform(im) for im in images]
+        outputs = detector([im.to(device) for im in images])
+        dets += coco_detections_from_outputs([t["image_id"] for t in targets],
+                                             [{k: v.cpu() for k, v in o.items()} for o in outputs],
+                                             index.label_to_cat_id)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, dets)
+        dets = [d for part in gathered for d in part]
+    detector.train(was_training)
+    return evaluate_coco(index.gt_for_eval(), dets)
+
+
+@dataclass
+class StageJob:
+    """Everything one worker needs to train one stage (JSON-able pieces only)."""
+    method: Method
+    stage: str
+    dataset: dict
+    detector: DetectorSpec
+    arch: str
+    schedule: ScheduleSpec
+    seed: int
+    artifacts: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageState:
+    """Resumable state: what a checkpoint holds besides the weights."""
+    epoch: int = 0          # epochs completed
+    history: list = field(default_factory=list)
+    last_eval: dict = field(default_factory=dict)
+
+
+def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank: int = 0,
+              state: StageState | None = None, model_state: dict | None = None,
+              on_epoch: Callable[[StageState, nn.Module, torch.optim.Optimizer], None] | None = None,
+              max_steps: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None
+              ) -> tuple[StageState, nn.Module]:
+    """Train one stage; returns its final state (history + final evaluation) and the model.
+
+    ``on_epoch`` is called after every epoch (Ray reports and checkpoints there).
+    ``max_steps`` stops early (benchmarks). ``wrap`` wraps the model for DDP.
+    """
+    seed_everything(job.seed * 1000 + rank)
+    s = job.schedule
+    train_index = load_split(job.dataset, "train", check_images=False)
+    val_index = load_split(job.dataset, "val", check_images=False)
+    ctx = StageContext(stage=job.stage, detector=job.detector, arch=job.arch, schedule=s,
+                       num_classes=len(train_index.class_names), class_names=train_index.class_names,
+                       device=device, seed=job.seed, world_size=world_size, rank=rank,
+                       artifacts=dict(job.artifacts))
+    model = job.method.build_model(job.stage, ctx).to(device)
+    optimizer = build_optimizer(model, s)
+    state = state or StageState()
+    if model_state is not None:
+        model.load_state_dict(model_state["model"])
+        optimizer.load_state_dict(model_state["optimizer"])
+    per_worker = max(1, s.batch_size // world_size)
+    loader = train_loader(train_index, per_worker, seed=job.seed, world_size=world_size, rank=rank)
+    ctx.steps_per_epoch = len(loader)
+    total_steps = s.epochs * len(loader)
+    trained = wrap(model) if wrap else model
+    steps = 0
+    for epoch in range(state.epoch, s.epochs):
+        ctx.epoch = epoch
+        loader.sampler.set_epoch(epoch)
+        trained.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for step, (images, targets) in enumerate(loader):
+            ctx.step_in_epoch = step
+            it = epoch * len(loader) + step
+            for g in optimizer.param_groups:
+                g["lr"] = s.lr * lr_factor(it, total_steps, s)
+            images = [im.to(device) for im in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
+            loss = sum(terms.values())
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+            if world_size > 1:
+                dist.all_reduce(bad)
+            if bad.item():
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1}: "
+                                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return state, model
+        record = {f"train/{k}": v / max(1, len(loader)) for k, v in _all_mean(sums, world_size).items()}
+        record["time/epoch_s"] = time.perf_counter() - t0
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record.update(job.method.epoch_metrics(job.stage, model, ctx))
+        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+            state.last_eval = evaluate_detector(job.method.detector_of(model), val_index, device=device,
+                                                world_size=world_size, rank=rank)
+            record.update({f"val/{k}": v for k, v in state.last_eval.items()})
+        state.epoch = epoch + 1
+        record["epoch"] = state.epoch
+        state.history.append(record)
+        if on_epoch:
+            on_epoch(state, model, optimizer)
+    return state, model

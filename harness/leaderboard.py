@@ -1,0 +1,213 @@
+"""Leaderboard tables from the results store.
+
+Only final evaluations count (``epoch`` null, split ``val``, status ``ok``):
+per-epoch curves and HPO noise must not leak into the headline table. Cells
+are "mean ± std" over seeds in percent; a number without its seed count and
+spread is not a result, so both are always shown. Failed trials are counted,
+never silently dropped.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.results import ResultStore
+
+SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to published numbers"
+FORMATS = {"md": "md", "csv": "csv", "html": "html"}
+EMPTY_MESSAGE = "No successful final evaluations yet"
+_EXTRA = ("seeds", "failed")  # trailing non-metric columns
+
+
+def _label(method: str, variant: str) -> str:
+    return f"{method}[{variant}]" if variant else method
+
+
+def _condition(condition: str, severity: int) -> str:
+    return "clean" if condition == "clean" else f"{condition}@{int(severity)}"
+
+
+def _fmt(values: np.ndarray, n_method: int) -> str:
+    """'52.3 ± 1.2' (sample std, ddof=1); one seed: '52.3'; all NaN: 'n/a'."""
+    v = values[~np.isnan(values)] * 100.0
+    if not len(v):
+        return "n/a"
+    s = f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+    return s if len(v) == n_method else f"{s} (n={len(v)})"  # fewer seeds than the method's
+
+
+def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
+                      stage: str | None = None) -> pd.DataFrame:
+    """Methods x (dataset, condition, metric) table of "mean ± std" strings.
+
+    Extra columns ("seeds", "", "") and ("failed", "", ""). Numeric
+    means/stds (percent) are in ``.attrs["mean"]`` / ``.attrs["std"]`` for
+    ranking; ``.attrs["smoke"]`` is True if any row is a smoke row. Rows are
+    sorted by the first metric column's mean, best first. A cell with fewer
+    seeds than its method has elsewhere gets an "(n=k)" suffix.
+    ``stage`` optionally restricts to one stage (e.g. only final retrains).
+    """
+    metrics = list(metrics)
+    if stage is not None:
+        df = df[df["stage"] == stage]
+    label = pd.Series([_label(m, v) for m, v in zip(df["method"], df["variant"])],
+                      index=df.index, dtype=object)
+    failed = (df[df["status"] == "failed"].assign(label=label)
+              .groupby("label")["trial_id"].nunique())
+    final = df[df["epoch"].isna() & (df["split"] == "val") & (df["status"] == "ok")
+               & df["metric"].isin(metrics)].copy()
+    final["label"] = label[final.index]
+    final["cond"] = [_condition(c, s) for c, s in zip(final["condition"], final["severity"])]
+    # A re-run of the same seed supersedes the older one.
+    final = (final.sort_values("created_at", kind="stable")
+             .drop_duplicates(["label", "dataset", "cond", "metric", "seed"], keep="last"))
+    seeds = final.groupby("label")["seed"].nunique()
+    labels = sorted(set(final["label"]) | set(failed.index))
+
+    cells = sorted({(d, c) for d, c in zip(final["dataset"], final["cond"])},
+                   key=lambda dc: (dc[0], dc[1] != "clean", dc[1]))
+    cols = [(d, c, m) for d, c in cells for m in metrics
+            if ((final["dataset"] == d) & (final["cond"] == c) & (final["metric"] == m)).any()]
+    index = pd.Index(labels, name="method")
+    mi = pd.MultiIndex.from_tuples(cols, names=["dataset", "condition", "metric"])
+    mean = pd.DataFrame(np.nan, index=index, columns=mi)
+    std = mean.copy()
+    text = pd.DataFrame("—", index=index, columns=mi, dtype=object)
+    for (lab, d, c, m), g in final.groupby(["label", "dataset", "cond", "metric"]):
+        v = g["value"].to_numpy(dtype=float)
+        ok = v[~np.isnan(v)] * 100.0
+        if len(ok):
+            mean.loc[lab, (d, c, m)] = ok.mean()
+            std.loc[lab, (d, c, m)] = ok.std(ddof=1) if len(ok) > 1 else np.nan
+        text.loc[lab, (d, c, m)] = _fmt(v, int(seeds.get(lab, 0)))
+    if cols:  # rank by the first metric column, best first; no value last; ties by name
+        first = mean[cols[0]]
+        order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
+                                                -np.nan_to_num(first[lab]), lab))
+        mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
+    text[("seeds", "", "")] = [int(seeds.get(lab, 0)) for lab in text.index]
+    text[("failed", "", "")] = [int(failed.get(lab, 0)) for lab in text.index]
+    smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
+    text.attrs.update(mean=mean, std=std, smoke=smoke)
+    return text
+
+
+def _best_mask(board: pd.DataFrame) -> pd.DataFrame:
+    """True where a cell holds the highest mean of its column (ties: all)."""
+    mean = board.attrs.get("mean", pd.DataFrame())
+    return mean.eq(mean.max(axis=0), axis=1) & mean.notna()
+
+
+def _header(col) -> str:
+    return "/".join(str(p) for p in col if p != "")  # e.g. "voc/fog@3/AP"
+
+
+def _table(board: pd.DataFrame, mark) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows as strings, best cells wrapped by ``mark``."""
+    best = _best_mask(board)
+    head = ["method"] + [_header(c) for c in board.columns]
+    body = []
+    for lab, row in board.iterrows():
+        cells = [lab]
+        for col, val in row.items():
+            is_best = col in best.columns and bool(best.loc[lab, col])
+            cells.append(mark(str(val)) if is_best else str(val))
+        body.append(cells)
+    return head, body
+
+
+def _empty_message(board: pd.DataFrame) -> str:
+    n = int(board[("failed", "", "")].sum()) if ("failed", "", "") in board.columns else 0
+    return EMPTY_MESSAGE + (f" ({n} failed trial{'s' if n != 1 else ''})" if n else "") + "."
+
+
+def _is_rows(df: pd.DataFrame) -> bool:
+    return "metric" in df.columns and "mean" not in df.attrs
+
+
+def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False,
+                       title: str | None = None, metrics=("AP", "AP50")) -> str:
+    """Render raw result rows (or a built board) as Markdown, CSV or HTML.
+
+    Best mean per column: Markdown ``**bold**``, HTML ``<b>``, CSV trailing
+    ``*``. A smoke run's output starts with :data:`SMOKE_BANNER` (also when
+    ``smoke`` is False but the rows themselves are smoke rows).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown leaderboard format {fmt!r}; expected one of {list(FORMATS)}")
+    board = build_leaderboard(df, metrics) if _is_rows(df) else df
+    smoke = smoke or bool(board.attrs.get("smoke", False))
+    has_cells = len(board.columns) > len(_EXTRA) and len(board)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for line in ([SMOKE_BANNER] if smoke else []) + ([title] if title else []):
+            w.writerow([line])
+        if not has_cells:
+            w.writerow([_empty_message(board)])
+        else:
+            head, body = _table(board, lambda s: s + "*")
+            w.writerows([head] + body)
+        return buf.getvalue()
+    if fmt == "html":
+        parts = [f'<p class="smoke"><b>{html.escape(SMOKE_BANNER)}</b></p>'] if smoke else []
+        if title:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+        if not has_cells:
+            parts.append(f"<p>{html.escape(_empty_message(board))}</p>")
+        else:
+            head, body = _table(board, lambda s: f"<b>{html.escape(s)}</b>")
+            esc = lambda s: s if s.startswith("<b>") else html.escape(s)  # noqa: E731
+            parts.append("<table>\n<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>"
+                                                          for h in head) + "</tr></thead>")
+            parts.append("<tbody>\n" + "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r)
+                                                  + "</tr>" for r in body) + "\n</tbody>\n</table>")
+        return "\n".join(parts) + "\n"
+    lines = [SMOKE_BANNER, ""] if smoke else []
+    if title:
+        lines += [f"# {title}", ""]
+    if not has_cells:
+        return "\n".join(lines + [_empty_message(board)]) + "\n"
+    head, body = _table(board, lambda s: f"**{s}**")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50")) -> str:
+    """Plain-text table for the CLI; best cells get a trailing ``*``."""
+    board = build_leaderboard(df, metrics) if _is_rows(df) else df
+    prefix = SMOKE_BANNER + "\n" if board.attrs.get("smoke") else ""
+    if len(board.columns) <= len(_EXTRA) or not len(board):
+        return prefix + _empty_message(board)
+    head, body = _table(board, lambda s: s + "*")
+    flat = pd.DataFrame([r[1:] for r in body], index=[r[0] for r in body], columns=head[1:])
+    return prefix + flat.to_string()
+
+
+def write_leaderboard(run_dir: str | Path, fmt: str = "md", *, metrics=("AP", "AP50"),
+                      title: str | None = None) -> Path:
+    """Render the run's leaderboard to ``run_dir/leaderboard.<fmt>`` atomically."""
+    run_dir = Path(run_dir)
+    df = ResultStore(run_dir).read()
+    text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics)
+    path = run_dir / f"leaderboard.{FORMATS[fmt]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".leaderboard.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

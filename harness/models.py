@@ -1,0 +1,140 @@
+"""Detector builders on torchvision: Faster R-CNN and RetinaNet with an FPN.
+
+Everything is built from scratch (``weights=None``): this harness never
+downloads weights. A local checkpoint can initialise any detector
+(``torch.load(weights_only=True)``). The image transform is pinned to the
+suite's image size (torchvision's default of 800 px makes CPU runs crawl), and
+anchor sizes are scaled with it so small images still get anchors that fit
+their objects.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from harness.config import DetectorSpec
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: FPN levels, from the largest map (see SPEC.md's notation).
+FASTER_RCNN_STRIDES = (4, 8, 16, 32, 64)   # P2..P5 + max-pool P6
+RETINANET_STRIDES = (8, 16, 32, 64, 128)   # P3..P7
+
+
+def norm_layer(kind: str):
+    """BN for from-scratch training (the default here), GN for small batches, frozen BN for fine-tuning."""
+    if kind == "bn":
+        return nn.BatchNorm2d
+    if kind == "gn":
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
+    return FrozenBatchNorm2d
+
+
+def base_anchor_size(image_size: int) -> int:
+    """Anchor size at the largest level: 32 px at torchvision's 800 px, scaled, at least 8."""
+    return max(8, round(32 * image_size / 800))
+
+
+def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithFPN:
+    norm = norm_layer(spec.norm)
+    if spec.backbone.startswith("resnet"):
+        body = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
+        wide = spec.backbone in ("resnet50", "resnet101")
+        channels = [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
+        layers = ["layer1", "layer2", "layer3", "layer4"]
+    elif spec.backbone == "mobilenet_v3":
+        body = mobilenet_v3_large(weights=None, norm_layer=norm).features
+        # Blocks whose output has strides 4, 8, 16, 32.
+        layers, channels = ["3", "6", "12", "16"], [24, 40, 112, 960]
+    else:  # guarded by config validation
+        raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")
+    if arch == "retinanet":
+        layers, channels = layers[1:], channels[1:]
+        extra = LastLevelP6P7(spec.fpn_width, spec.fpn_width)
+    else:
+        extra = LastLevelMaxPool()
+    return BackboneWithFPN(body, {name: str(i) for i, name in enumerate(layers)}, channels,
+                           spec.fpn_width, extra_blocks=extra,
+                           norm_layer=None)
+
+
+def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None) -> nn.Module:
+    """A torchvision detector for ``num_classes`` foreground classes (labels 1..K, 0 = background).
+
+    ``arch`` overrides ``spec.arch`` (a method plugin knows which detector it trains).
+    """
+    arch = arch or spec.arch or "faster_rcnn"
+    backbone = build_backbone(spec, arch)
+    s = base_anchor_size(spec.image_size)
+    common = dict(min_size=spec.image_size, max_size=spec.image_size,
+                  detections_per_img=spec.detections_per_img)
+    if arch == "faster_rcnn":
+        anchors = AnchorGenerator(tuple((s * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
+        model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                           rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+                           box_batch_size_per_image=spec.box_batch_size_per_image,
+                           rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                           rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+                           box_detections_per_img=spec.detections_per_img,
+                           **{k: v for k, v in common.items() if k != "detections_per_img"})
+    elif arch == "retinanet":
+        sizes = tuple((round(x), round(x * 2 ** (1 / 3)), round(x * 2 ** (2 / 3)))
+                      for x in (s * 2 ** i for i in range(5)))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+        model = RetinaNet(backbone, num_classes=num_classes + 1, anchor_generator=anchors, **common)
+    else:
+        raise ConfigError(f"unknown detector arch {arch!r}", field="detector.arch")
+    if spec.norm == "frozen_bn":
+        overwrite_eps(model, 0.0)
+    if spec.init_checkpoint:
+        load_checkpoint(model, spec.init_checkpoint)
+    return model
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file; only tensors and plain containers are unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("checkpoint file not found", file=path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file or a pickle with code in it
+        raise ConfigError(f"cannot load checkpoint safely: {exc}", file=path) from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError("checkpoint is not a state dict", file=path)
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Load matching tensors (by name and shape) into ``model``; log what did not match."""
+    state = {k[len(prefix):]: v for k, v in load_state(path).items() if k.startswith(prefix)}
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError("no tensor of the checkpoint matches the detector", file=path)
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d/%d tensors from %s (%d of the model's not in it)",
+             len(usable), len(state), path, len(own) - len(usable))
+
+
+def describe(spec: DetectorSpec, arch: str) -> str:
+    return f"{arch}/{spec.backbone}/fpn{spec.fpn_width}/{spec.image_size}px/{spec.norm}"
+
+
+__all__ = ["build_detector", "build_backbone", "load_checkpoint", "load_state", "describe",
+           "FASTER_RCNN_STRIDES", "RETINANET_STRIDES", "norm_layer"]

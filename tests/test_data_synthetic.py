@@ -1,0 +1,117 @@
+"""Synthetic data: deterministic, real COCO format, atomic and reusable."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from harness.data.coco import CocoDetection, load_coco
+from harness.data.synthetic import write_synthetic_coco
+from harness.errors import ConfigError, DataError
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_bytes(tmp_path):
+    a = write_synthetic_coco(tmp_path / "a", n_images=12, seed=7)
+    b = write_synthetic_coco(tmp_path / "b", n_images=12, seed=7)
+    c = write_synthetic_coco(tmp_path / "c", n_images=12, seed=8)
+    assert a == tmp_path / "a" / "annotations.json"
+    fa, fb = _files(a.parent), _files(b.parent)
+    assert len(fa) == 13 and fa == fb
+    assert _files(c.parent)["images/000000.png"] != fa["images/000000.png"]
+
+
+def test_loads_through_real_loader(tmp_path):
+    ann = write_synthetic_coco(tmp_path / "d", n_images=40, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dropped-box warning
+        idx = load_coco(ann, ann.parent)
+    assert len(idx) == 40 and idx.n_dropped_boxes == 0
+    assert idx.class_names == ["square", "circle", "triangle"]
+    cat_ids = sorted(idx.cat_id_to_label)
+    assert cat_ids != list(range(1, len(cat_ids) + 1))  # non-contiguous on purpose
+    assert all(im["id"] >= 1000 for im in idx.images)
+    assert all("/" in im["file_name"] for im in idx.images)  # subfolder on purpose
+    labels, areas = [], []
+    for i in range(len(idx)):
+        t = idx.target(i)
+        b = t["boxes"]
+        assert len(b) >= 1 and len(t["ignore_boxes"]) == 0
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+        assert (b[:, 2] <= 128).all() and (b[:, 3] <= 128).all()
+        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+        labels += t["labels"].tolist()
+        areas += ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).tolist()
+    assert set(labels) == {1, 2, 3}
+    assert any(a < 32 ** 2 for a in areas) and any(a >= 32 ** 2 for a in areas)
+    img, t = CocoDetection(idx)[0]
+    assert img.shape == (3, 128, 128) and img.dtype == torch.float32
+
+
+def test_boxes_are_tight(tmp_path):
+    """Object pixels are bright, background dark: each box edge touches the object."""
+    ann = write_synthetic_coco(tmp_path / "d", n_images=6, seed=3, max_objects=1)
+    idx = load_coco(ann, ann.parent)
+    ds = CocoDetection(idx)
+    for i in range(len(idx)):
+        img, t = ds[i]
+        x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
+        inside = img[:, y1:y2, x1:x2].max(0).values > 0.55
+        assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        out = img.max(0).values > 0.55
+        out[y1:y2, x1:x2] = False
+        assert not out.any()
+
+
+def test_large_objects_when_image_allows(tmp_path):
+    classes = ("square", "circle", "triangle", "cross", "diamond")
+    ann = write_synthetic_coco(tmp_path / "d", n_images=30, seed=1, image_size=320,
+                               classes=classes)
+    data = json.loads(ann.read_text())
+    assert any(a["area"] >= 96 ** 2 for a in data["annotations"])
+    assert [c["name"] for c in data["categories"]] == list(classes)
+
+
+def test_reuse_without_rewrite(tmp_path):
+    out = tmp_path / "d"
+    ann = write_synthetic_coco(out, n_images=5, seed=0)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    os.utime(ann, ns=(1, 1))  # make any rewrite visible even on coarse clocks
+    stamps[ann] = 1
+    assert write_synthetic_coco(out, n_images=5, seed=0) == ann
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    # other parameters: replaced by the new dataset, no leftovers next to it
+    write_synthetic_coco(out, n_images=3, seed=0)
+    assert len(load_coco(ann, out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_incomplete_dir_never_reused_and_foreign_dir_kept(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    write_synthetic_coco(out, n_images=2, seed=0)  # empty dir: fine to fill
+    (out / "images" / "000001.png").unlink()        # damaged dataset: regenerated
+    write_synthetic_coco(out, n_images=2, seed=0)
+    assert (out / "images" / "000001.png").is_file()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="mine"):
+        write_synthetic_coco(foreign, n_images=2, seed=0)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kw", [{"n_images": 0}, {"classes": ("blob",)},
+                                {"classes": ()}, {"image_size": 8}, {"seed": -1}])
+def test_bad_parameters(tmp_path, kw):
+    args = {"n_images": 2, "seed": 0, **kw}
+    with pytest.raises(ConfigError):
+        write_synthetic_coco(tmp_path / "d", **args)
+    assert not (tmp_path / "d").exists()

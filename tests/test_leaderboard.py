@@ -1,0 +1,138 @@
+"""Leaderboard: exact cell strings, best marking, failures, smoke banner."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness.leaderboard import (SMOKE_BANNER, build_leaderboard, format_for_terminal,
+                                 render_leaderboard, write_leaderboard)
+from harness.results import ResultRow, ResultStore
+
+BASE = dict(run_id="run1", suite="s", cell="voc/clean", stage="final", dataset="voc",
+            config_hash="h", config_json="{}", detector="det", wall_s=1.0)
+# (method, variant, seed) -> (AP, AP50)
+VALUES = {("faster_rcnn", "", 0): (0.50, 0.70), ("faster_rcnn", "", 1): (0.52, 0.72),
+          ("focal", "g2", 0): (0.55, 0.69), ("focal", "g2", 1): (0.56, 0.70)}
+
+
+def _rows(smoke=False) -> dict[str, list[ResultRow]]:
+    trials = {}
+    for (method, variant, seed), (ap, ap50) in VALUES.items():
+        tid = f"{method}-{seed}"
+        common = dict(BASE, trial_id=tid, method=method, variant=variant, seed=seed,
+                      status="ok", smoke=smoke)
+        trials[tid] = [ResultRow(**common, metric="AP", value=ap),
+                       ResultRow(**common, metric="AP50", value=ap50),
+                       ResultRow(**common, metric="APs", value=math.nan),
+                       # per-epoch, test-split and fog rows must not leak into clean/val cells
+                       ResultRow(**common, metric="AP", value=0.99, epoch=3),
+                       ResultRow(**common, metric="AP", value=0.99, split="test"),
+                       ResultRow(**common, metric="AP", value=0.3 + seed / 100,
+                                 condition="fog", severity=2)]
+    trials["focal-2"] = [ResultRow.failure("CUDA OOM", **dict(
+        BASE, trial_id="focal-2", method="focal", variant="g2", seed=2, smoke=smoke))]
+    return trials
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultStore(tmp_path)
+    for tid, rows in _rows().items():
+        s.write_trial(tid, rows)
+    return s
+
+
+def test_cells_exact(store):
+    board = build_leaderboard(store.read())
+    assert list(board.index) == ["focal[g2]", "faster_rcnn"]  # ranked by clean AP
+    assert board.loc["faster_rcnn", ("voc", "clean", "AP")] == "51.0 ± 1.4"
+    assert board.loc["faster_rcnn", ("voc", "clean", "AP50")] == "71.0 ± 1.4"
+    assert board.loc["focal[g2]", ("voc", "clean", "AP")] == "55.5 ± 0.7"
+    assert board.loc["focal[g2]", ("voc", "fog@2", "AP")] == "30.5 ± 0.7"
+    assert board.loc["focal[g2]", ("seeds", "", "")] == 2
+    assert board.loc["focal[g2]", ("failed", "", "")] == 1
+    assert board.loc["faster_rcnn", ("failed", "", "")] == 0
+    mean = board.attrs["mean"]
+    assert mean.loc["focal[g2]", ("voc", "clean", "AP")] == pytest.approx(55.5)
+    # clean before corrupted conditions
+    assert [c[1] for c in board.columns] == ["clean", "clean", "fog@2", "", ""]  # no fog AP50
+
+
+def test_single_seed_and_nan(store):
+    df = store.read()
+    one = df[df.seed == 0]
+    board = build_leaderboard(one, metrics=("AP", "APs"))
+    assert board.loc["faster_rcnn", ("voc", "clean", "AP")] == "50.0"
+    assert board.loc["faster_rcnn", ("voc", "clean", "APs")] == "n/a"
+    assert board.loc["focal[g2]", ("seeds", "", "")] == 1
+
+
+def test_best_marked_in_all_formats(store):
+    df = store.read()
+    md = render_leaderboard(df, "md")
+    assert "**55.5 ± 0.7**" in md and "**71.0 ± 1.4**" in md
+    assert "**51.0" not in md and "**69.5" not in md
+    assert md.splitlines()[0].startswith("| method |")
+    csv_text = render_leaderboard(df, "csv")
+    assert "55.5 ± 0.7*" in csv_text and "71.0 ± 1.4*" in csv_text
+    assert "51.0 ± 1.4*" not in csv_text
+    assert csv_text.splitlines()[0].startswith("method,voc/clean/AP,")
+    html = render_leaderboard(df, "html", title="VOC <test>")
+    assert "<b>55.5 ± 0.7</b>" in html and "<table>" in html and "VOC &lt;test&gt;" in html
+    term = format_for_terminal(df)
+    assert "55.5 ± 0.7*" in term and "faster_rcnn" in term and not term.startswith(SMOKE_BANNER)
+    with pytest.raises(ValueError):
+        render_leaderboard(df, "pdf")
+
+
+def test_smoke_banner(tmp_path, store):
+    assert render_leaderboard(store.read(), "md", smoke=True).startswith(SMOKE_BANNER)
+    assert not render_leaderboard(store.read(), "md").startswith(SMOKE_BANNER)
+    smoke_store = ResultStore(tmp_path / "smoke")
+    for tid, rows in _rows(smoke=True).items():
+        smoke_store.write_trial(tid, rows)
+    for fmt in ("md", "csv", "html"):
+        path = write_leaderboard(smoke_store.run_dir, fmt)
+        text = path.read_text(encoding="utf-8")
+        assert path.name == f"leaderboard.{fmt}"
+        assert SMOKE_BANNER in text.splitlines()[0]
+    assert format_for_terminal(smoke_store.read()).startswith(SMOKE_BANNER)
+
+
+def test_write_leaderboard(store):
+    path = write_leaderboard(store.run_dir)
+    assert path == store.run_dir / "leaderboard.md"
+    assert "| focal[g2] | **55.5 ± 0.7** |" in path.read_text(encoding="utf-8")
+    assert not list(store.run_dir.glob("*.tmp"))
+    write_leaderboard(store.run_dir)  # overwrite is fine
+
+
+def test_empty_and_failed_only(tmp_path):
+    empty = ResultStore(tmp_path / "empty")
+    for fmt in ("md", "csv", "html"):
+        text = write_leaderboard(empty.run_dir, fmt).read_text(encoding="utf-8")
+        assert "No successful final evaluations yet" in text
+    assert "No successful" in format_for_terminal(empty.read())
+    failed = ResultStore(tmp_path / "failed")
+    failed.write_trial("focal-2", _rows()["focal-2"])
+    text = write_leaderboard(failed.run_dir).read_text(encoding="utf-8")
+    assert "1 failed trial" in text
+    board = build_leaderboard(failed.read())
+    assert board.loc["focal[g2]", ("failed", "", "")] == 1
+
+
+def test_rerun_of_same_seed_supersedes(store):
+    newer = [ResultRow(**dict(BASE, trial_id="faster_rcnn-0b", method="faster_rcnn", seed=0,
+                              status="ok"), metric="AP", value=0.54,
+                       created_at="2999-01-01T00:00:00+00:00")]
+    store.write_trial("faster_rcnn-0b", newer)
+    board = build_leaderboard(store.read(), metrics=("AP",))
+    assert board.loc["faster_rcnn", ("voc", "clean", "AP")] == "53.0 ± 1.4"
+
+
+def test_fewer_seeds_in_one_cell_is_flagged(store):
+    df = store.read()
+    df = df[~((df.method == "focal") & (df.seed == 1) & (df.condition == "fog"))]
+    board = build_leaderboard(df, metrics=("AP",))
+    assert board.loc["focal[g2]", ("voc", "fog@2", "AP")] == "30.0 (n=1)"
