@@ -61,7 +61,7 @@ class ResultRow(BaseModel):
     metric_backend: str = ""
     versions_json: str = "{}"
     git_sha: str = ""
-    status: Literal["ok", "failed"]
+    status: Literal["ok", "failed", "stopped"]  # stopped = ended early by the scheduler (ASHA)
     reason: str = ""
     smoke: bool = False
     restarts: int = 0
@@ -85,8 +85,8 @@ class ResultRow(BaseModel):
 
     @model_validator(mode="after")
     def _failed_has_reason(self) -> "ResultRow":
-        if self.status == "failed" and not self.reason:
-            raise ValueError("a failed row needs a reason")
+        if self.status != "ok" and not self.reason:
+            raise ValueError(f"a {self.status} row needs a reason")
         return self
 
     @computed_field  # type: ignore[prop-decorator]
@@ -97,9 +97,9 @@ class ResultRow(BaseModel):
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     @classmethod
-    def failure(cls, reason: str, **fields: Any) -> "ResultRow":
-        """The one row recorded for a trial that produced no metrics."""
-        return cls(metric=STATUS_METRIC, value=math.nan, status="failed", reason=reason, **fields)
+    def failure(cls, reason: str, *, status: str = "failed", **fields: Any) -> "ResultRow":
+        """The one row recorded for a trial that produced no final metrics (failed or stopped)."""
+        return cls(metric=STATUS_METRIC, value=math.nan, status=status, reason=reason, **fields)
 
 
 _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}

@@ -1,0 +1,119 @@
+"""``detbench``: run suites, inspect results and data, list methods.
+
+Every user error (suite, data, resources) exits with code 2 and one clear
+line naming the file, record and field; nothing is left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from harness.errors import DetbenchError
+
+
+def cmd_run(args) -> int:
+    from harness.runner import run_suite
+    board = run_suite(args.suite, address=args.address, out_dir=args.out, name=args.name,
+                      progress=not args.quiet)
+    print(f"\nleaderboard: {board}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import format_for_terminal, write_leaderboard
+    from harness.results import ResultStore
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "rows").is_dir():
+        raise DetbenchError("not a run directory (no rows/ folder)", file=run_dir)
+    path = write_leaderboard(run_dir, args.format)
+    print(format_for_terminal(ResultStore(run_dir).read()))
+    print(f"\nleaderboard: {path}")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from harness.data.synthetic import write_synthetic_coco
+    if args.format != "coco":
+        raise DetbenchError(f"unknown format {args.format!r}; available: coco", field="--format")
+    path = write_synthetic_coco(args.out, n_images=args.images, seed=args.seed,
+                                image_size=args.image_size, max_objects=args.max_objects)
+    print(f"wrote {args.images} images: {path}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from harness.data.coco import check_coco
+    summary = check_coco(args.annotations, args.images)
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
+    print("ok")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from harness.registry import METHODS
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        print(f"{name}  ({cls.arch}; stages: {' -> '.join(cls.stages)})")
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        if doc:
+            print(f"    {doc[0]}")
+        for field, typ, default in cls.describe():
+            print(f"    {field}: {typ} = {default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detbench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a suite on Ray (embedded local cluster by default)")
+    r.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
+    r.add_argument("--address", default=None,
+                   help="existing Ray cluster ('auto', 'ray://host:10001'); default: RAY_ADDRESS or local")
+    r.add_argument("--out", default="results/runs", help="parent folder of run directories")
+    r.add_argument("--name", default=None, help="run directory name (default: suite-timestamp)")
+    r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("leaderboard", help="(re)build the leaderboard of a run directory")
+    lb.add_argument("run_dir")
+    lb.add_argument("--format", choices=("md", "csv", "html"), default="md")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("synth", help="write a synthetic dataset in real COCO format")
+    s.add_argument("out")
+    s.add_argument("--format", default="coco")
+    s.add_argument("--images", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--max-objects", type=int, default=4)
+    s.set_defaults(func=cmd_data_synth)
+    c = d.add_parser("check", help="validate a COCO instances JSON and its images")
+    c.add_argument("annotations")
+    c.add_argument("--images", required=True, help="image root folder")
+    c.set_defaults(func=cmd_data_check)
+
+    m = sub.add_parser("methods", help="list method plugins with their config fields and defaults")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DetbenchError as err:
+        print(f"detbench: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("detbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

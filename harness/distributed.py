@@ -1,0 +1,160 @@
+"""Ray: the Tune trial function and the Ray Train worker function.
+
+Ray 2.60 runs Ray Train V2, where ``Tuner(TorchTrainer(...))`` no longer
+works. The supported pattern is used instead: each Tune trial is a *function
+trainable* (:func:`run_trial`, reserving only a sliver of CPU) that builds and
+fits one ``TorchTrainer`` per method stage. The trainer's workers run
+:func:`train_worker` (DDP over gloo on CPU, nccl on GPU), report once per
+epoch with a checkpoint, and ``TuneReportCallback`` forwards rank 0's
+metrics to Tune, so ASHA sees an explicit ``epoch`` and the validation AP.
+Each Train run is named after the trial id and stage, so a restored trial
+finds its own checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from harness.config import DetectorSpec, ScheduleSpec
+from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
+from harness.registry import METHODS
+
+TRIAL_CPU = 0.01  # the trial driver itself: enough to be scheduled, small enough for workers to fit
+
+
+def _job(cfg: dict) -> StageJob:
+    method_cls = METHODS.get(cfg["method"])
+    return StageJob(method=method_cls(cfg["method_config"]), stage=cfg["stage"], dataset=cfg["dataset"],
+                    detector=DetectorSpec(**cfg["detector"]), arch=cfg["arch"],
+                    schedule=ScheduleSpec(**cfg["schedule"]), seed=cfg["seed"],
+                    artifacts={k: Path(v) for k, v in cfg["artifacts"].items()})
+
+
+def train_worker(cfg: dict) -> dict:
+    """Ray Train worker loop for one stage; rank 0's return value goes back to the trial."""
+    import ray.train
+    import ray.train.torch
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    job = _job(cfg)
+
+    state, model_state, resumes = None, None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group (or resumed trial) continues from its last epoch
+        with checkpoint.as_directory() as d:
+            meta = json.loads((Path(d) / "state.json").read_text())
+            state = StageState(**meta["state"])
+            resumes = meta["resumes"] + 1
+            model_state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=True)
+
+    def on_epoch(st: StageState, model, optimizer) -> None:
+        record = st.history[-1]
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics.update(stage=job.stage, epoch=st.epoch, resumes=resumes,
+                       **{k: v for k, v in st.last_eval.items()})  # AP, AP50, ... for Tune/ASHA
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                           Path(tmp) / "train_state.pt")
+                torch.save(job.method.detector_of(model).state_dict(), Path(tmp) / "detector.pt")
+                (Path(tmp) / "state.json").write_text(json.dumps(
+                    {"state": st.__dict__, "resumes": resumes}, default=float))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    wrap = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrap = lambda m: DDP(m, device_ids=[device] if device.type == "cuda" else None,  # noqa: E731
+                             find_unused_parameters=getattr(job.method, "find_unused_parameters", False))
+    try:
+        state, _ = run_stage(job, device=device, world_size=world, rank=rank, state=state,
+                             model_state=model_state, on_epoch=on_epoch, wrap=wrap)
+    except NonFiniteLoss as exc:
+        return {"status": "failed", "reason": str(exc), "history": (state or StageState()).history,
+                "resumes": resumes, "node_id": _node_id()}
+    return {"status": "ok", "history": state.history, "final": state.last_eval, "resumes": resumes,
+            "node_id": _node_id()}
+
+
+def _node_id() -> str:
+    import ray
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
+
+
+def apply_search(cell: dict, sampled: dict) -> dict:
+    """A copy of ``cell`` with Tune-sampled values: ``schedule.<f>`` or a method config field."""
+    cell = json.loads(json.dumps(cell))
+    for key, value in sampled.items():
+        group, _, name = key.rpartition(".")
+        target = cell["schedule"] if group == "schedule" else cell["method_config"]
+        target[name] = value.item() if hasattr(value, "item") else value
+    return cell
+
+
+def run_trial(config: dict) -> None:
+    """Tune function trainable: train every stage of one cell, then write its rows atomically."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from harness.plan import rows_for_trial
+
+    run = config["run"]
+    cell = apply_search(config["cell"], {k[len("hp/"):].replace("|", "."): v
+                                         for k, v in config.items() if k.startswith("hp/")})
+    trial_id = ray.tune.get_context().get_trial_id()
+    res = run["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    stages = METHODS.get(cell["method"]).stages
+    outputs, artifacts, t0 = {}, {}, time.time()
+    try:
+        for i, stage in enumerate(stages):
+            last = i == len(stages) - 1
+            trainer = TorchTrainer(
+                train_worker,
+                train_loop_config={**cell, "stage": stage, "artifacts": artifacts,
+                                   "threads": res["cpus_per_worker"]},
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu,
+                                             resources_per_worker=per_worker),
+                run_config=RunConfig(
+                    name=f"{trial_id}-{stage}", storage_path=os.path.join(run["run_dir"], "train"),
+                    failure_config=FailureConfig(max_failures=res["max_failures"]),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    callbacks=[TuneReportCallback()] if last else []))
+            result = trainer.fit()
+            out = result.return_value or {"status": "failed", "reason": f"stage {stage}: no result"}
+            outputs[stage] = out
+            if out["status"] != "ok":
+                break
+            artifacts[stage] = os.path.join(result.checkpoint.path, "detector.pt")
+    except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
+        outputs[stage] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".strip()[:500],
+                          "traceback": traceback.format_exc()}
+    rows = rows_for_trial(run, cell, trial_id, outputs, wall_s=time.time() - t0)
+    from harness.results import ResultStore
+    ResultStore(run["run_dir"]).write_trial(trial_id, rows)
+    final = outputs[stages[-1]] if stages[-1] in outputs else next(iter(outputs.values()))
+    tb = next((o.get("traceback") for o in outputs.values() if o.get("traceback")), None)
+    if tb:
+        failures = Path(run["run_dir"]) / "failures"
+        failures.mkdir(exist_ok=True)
+        (failures / f"{trial_id}.txt").write_text(tb)
+    ray.tune.report({"epoch": len(final.get("history", [])), "status": final["status"],
+                     **{k: v for k, v in final.get("final", {}).items()}})

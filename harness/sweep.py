@@ -1,0 +1,133 @@
+"""Run a suite on Ray: connect, size the trials to the cluster, tune, collect.
+
+The same code runs on a laptop (``ray.init()`` starts an embedded local
+cluster) and on a real cluster (``--address auto`` / ``RAY_ADDRESS``).
+Requests are sized from what the cluster really has: a trial that cannot fit
+on it would wait PENDING forever, so it is refused up front with an
+explanation. Plain cells run in one Tuner (grid over cells); a method with a
+``search:`` gets a Tuner of its own per (dataset, seed) with OptunaSearch
+(study journal in the run directory) and ASHA on the explicit ``epoch``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+from harness.config import ResourcesSpec
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Set for every Ray process: Train's per-report health-check wait is 2 s by default.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+def init_ray(address: str | None, log_dir: Path | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start the embedded local cluster."""
+    import ray
+    os.environ.update(RAY_ENV)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+             include_dashboard=False if not address else None,
+             runtime_env={"env_vars": dict(RAY_ENV)}, configure_logging=True)
+
+
+def cluster_nodes() -> list[dict]:
+    """Alive nodes with their total resources."""
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(res: ResourcesSpec, nodes: list[dict]) -> int:
+    """Refuse requests the cluster can never schedule; return how many trials fit at once."""
+    from harness.distributed import TRIAL_CPU
+    need = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+
+    def worker_slots(node: dict, reserve_cpu: float = 0.0) -> int:
+        return min(math.floor((node.get(k, 0) - (reserve_cpu if k == "CPU" else 0)) / v + 1e-9)
+                   if v else 10**6 for k, v in need.items())
+
+    # Workers of one trial may land on different nodes; the trial's own sliver of CPU
+    # must fit too, on whichever node leaves the most worker slots.
+    slots = max((sum(worker_slots(n, TRIAL_CPU if i == j else 0.0) for i, n in enumerate(nodes))
+                 for j in range(len(nodes))), default=0)
+    if slots < res.workers_per_trial:
+        have = ", ".join(f"node {i}: {n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU"
+                         for i, n in enumerate(nodes))
+        raise ConfigError(
+            f"a trial asks {res.workers_per_trial} worker(s) x ({res.cpus_per_worker:g} CPU, "
+            f"{res.gpus_per_worker:g} GPU) plus {TRIAL_CPU} CPU for its driver, but the cluster can "
+            f"place only {slots} such worker(s) ({have}); it would wait PENDING forever. Lower "
+            f"resources.workers_per_trial / cpus_per_worker / gpus_per_worker", field="resources")
+    fit = max(1, slots // res.workers_per_trial)
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    fit = min(fit, max(1, math.floor(total_cpu / (res.workers_per_trial * res.cpus_per_worker + TRIAL_CPU))))
+    if res.max_concurrent_trials != "auto":
+        fit = min(fit, res.max_concurrent_trials)
+    return fit
+
+
+def _tune_space(space: dict) -> dict:
+    from ray import tune
+    out = {}
+    for key, dist in space.items():
+        (kind, args), = dist.items()
+        fn = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+              "choice": lambda *a: tune.choice(list(a))}[kind]
+        out["hp/" + key.replace(".", "|")] = fn(*args)
+    return out
+
+
+def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=()) -> list:
+    """Run every cell as a Tune trial; returns the ResultGrids."""
+    from ray import tune
+
+    from harness.distributed import TRIAL_CPU, run_trial
+
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    storage = os.path.join(run["run_dir"], "tune")
+    grids = []
+    plain = [c for c in cells if not c.get("search")]
+    if plain:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(plain), "run": run},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name="cells", storage_path=storage, verbose=0,
+                                      callbacks=list(callbacks)))
+        grids.append(tuner.fit())
+    for i, cell in enumerate(c for c in cells if c.get("search")):
+        grids.append(_search_tuner(trainable, cell, run, storage, i, concurrency, callbacks).fit())
+    return grids
+
+
+def _search_tuner(trainable, cell: dict, run: dict, storage: str, i: int, concurrency: int, callbacks):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cell["search"]
+    journal = Path(run["run_dir"]) / "optuna" / f"search{i}.journal"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage_backend = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    searcher = OptunaSearch(metric=s["metric"], mode=s["mode"], seed=cell["seed"],
+                            storage=storage_backend, study_name=cell["cell_id"])
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell["schedule"]["epochs"],
+                               grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+                 if s["scheduler"] == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space={"cell": cell, "run": run, **_tune_space(s["space"])},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=s["metric"],
+                                    mode=s["mode"], num_samples=s["num_samples"],
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=f"search{i}", storage_path=storage, verbose=0,
+                                  callbacks=list(callbacks)))

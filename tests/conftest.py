@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny synthetic data, suite files, one Ray session per test module that needs it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """A tiny synthetic dataset in real COCO format: train and val splits."""
+    from harness.data.synthetic import write_synthetic_coco
+    root = tmp_path_factory.mktemp("tiny")
+    tr = write_synthetic_coco(root / "train", n_images=12, seed=0, image_size=64, max_objects=2)
+    va = write_synthetic_coco(root / "val", n_images=6, seed=1, image_size=64, max_objects=2)
+    return {"name": "tiny", "train_annotations": str(tr), "train_images": str(tr.parent),
+            "val_annotations": str(va), "val_images": str(va.parent)}
+
+
+def write_suite(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An embedded 2-CPU Ray cluster shared by a test module (starting one costs ~10 s)."""
+    import ray
+
+    from harness.sweep import init_ray
+    init_ray(None)
+    yield ray
+    ray.shutdown()

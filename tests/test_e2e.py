@@ -1,0 +1,88 @@
+"""A micro suite through the real stack: YAML -> Ray Tune -> Ray Train -> rows -> leaderboard."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.leaderboard import render_leaderboard
+from harness.results import ResultStore, validate_frame
+from harness.runner import run_suite
+
+SUITE = """
+name: micro
+smoke: true
+datasets:
+  - name: tiny
+    format: coco
+    train: {{annotations: {train_annotations}, images: {train_images}}}
+    val: {{annotations: {val_annotations}, images: {val_images}}}
+detector: {{fpn_width: 16, image_size: 64}}
+methods:
+  - name: faster_rcnn
+  - name: focal
+  - name: faster_rcnn
+    label: diverging
+    schedule: {{lr: 1.0e+9, grad_clip: null, warmup_iters: 0}}
+seeds: [0]
+schedule: {{epochs: 1, batch_size: 4, warmup_iters: 2}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 0.99}}
+"""
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, tiny_data, ray_local):
+    tmp = tmp_path_factory.mktemp("e2e")
+    suite = tmp / "micro.yaml"
+    suite.write_text(SUITE.format(**tiny_data))
+    board = run_suite(suite, out_dir=tmp / "runs", name="micro", progress=False)
+    return board.parent, board
+
+
+def test_rows_schema_and_content(micro_run):
+    run_dir, _ = micro_run
+    df = ResultStore(run_dir).read()
+    validate_frame(df)
+    assert df["row_id"].is_unique
+    assert len(ResultStore(run_dir).trial_ids()) == 3
+    final = df[df["epoch"].isna() & (df["status"] == "ok")]
+    for method in ("faster_rcnn", "focal"):
+        got = final[final["method"] == method].set_index("metric")["value"]
+        assert {"AP", "AP50", "AP75"} <= set(got.index)
+        assert all(0.0 <= got[k] <= 1.0 for k in ("AP", "AP50"))
+    curves = df[df["epoch"] == 1]
+    assert {"train/loss", "val/AP"} <= set(curves["metric"])
+    assert (df["smoke"]).all() and (df["node_id"] != "").all()
+
+
+def test_nan_trial_failed_with_reason_others_finish(micro_run):
+    run_dir, _ = micro_run
+    df = ResultStore(run_dir).read()
+    bad = df[df["variant"] == "diverging"]
+    failed = bad[bad["status"] == "failed"]
+    assert len(failed) == 1 and "non-finite loss" in failed["reason"].iloc[0]
+    assert (df[df["variant"] != "diverging"]["status"] == "ok").all()
+
+
+def test_leaderboard_written(micro_run):
+    run_dir, board = micro_run
+    text = board.read_text()
+    assert "SMOKE RUN" in text and "faster_rcnn" in text and "focal" in text
+    assert "tiny/clean/AP50" in text
+    assert (run_dir / "leaderboard.csv").exists()
+    html = render_leaderboard(ResultStore(run_dir).read(), "html")
+    assert "<table" in html
+
+
+def test_manifest(micro_run):
+    run_dir, _ = micro_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["versions"]["torch"].startswith("2.14.1") and manifest["seeds"] == [0]
+    assert (run_dir / "suite.yaml").exists() and manifest["cluster"]["nodes"]
+
+
+def test_checkpoint_per_epoch_named_by_trial(micro_run):
+    run_dir, _ = micro_run
+    trials = ResultStore(run_dir).trial_ids()
+    for t in trials:
+        assert (run_dir / "train" / f"{t}-train").is_dir()
