@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps imagecorruptions-imaug
 	touch $(STAMP)
 
 demo: $(STAMP)

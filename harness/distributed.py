@@ -105,6 +105,11 @@ def apply_search(cell: dict, sampled: dict) -> dict:
     return cell
 
 
+def sampled_params(config: dict) -> dict:
+    """The values Tune sampled for this trial, keyed like the suite's search space."""
+    return {k.replace("|", "."): v for k, v in config.get("hp", {}).items()}
+
+
 def run_trial(config: dict) -> None:
     """Tune function trainable: train every stage of one cell, then write its rows atomically."""
     import ray.tune
@@ -115,13 +120,12 @@ def run_trial(config: dict) -> None:
     from harness.plan import rows_for_trial
 
     run = config["run"]
-    cell = apply_search(config["cell"], {k[len("hp/"):].replace("|", "."): v
-                                         for k, v in config.items() if k.startswith("hp/")})
+    cell = apply_search(config["cell"], sampled_params(config))
     trial_id = ray.tune.get_context().get_trial_id()
     res = run["resources"]
     use_gpu = res["gpus_per_worker"] > 0
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
-    stages = METHODS.get(cell["method"]).stages
+    stages = cell["stages"]
     outputs, artifacts, t0 = {}, {}, time.time()
     try:
         for i, stage in enumerate(stages):
@@ -156,5 +160,9 @@ def run_trial(config: dict) -> None:
         failures = Path(run["run_dir"]) / "failures"
         failures.mkdir(exist_ok=True)
         (failures / f"{trial_id}.txt").write_text(tb)
-    ray.tune.report({"epoch": len(final.get("history", [])), "status": final["status"],
-                     **{k: v for k, v in final.get("final", {}).items()}})
+    history = final.get("history") or [{}]
+    report = {**history[-1], **final.get("final", {}), "epoch": len(final.get("history", [])),
+              "status": final["status"]}
+    if cell.get("search"):  # Tune checks every result carries the searched metric
+        report.setdefault(cell["search"]["metric"], float("nan"))
+    ray.tune.report(report)

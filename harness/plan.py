@@ -32,7 +32,7 @@ def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]
                 label = method_label(m)
                 cells.append({
                     "cell_id": f"{label}/{ds.name}/seed{seed}",
-                    "method": m.name, "label": label,
+                    "method": m.name, "label": label, "stages": list(method_cls.stages),
                     "variant": label[len(m.name):].strip("[]") if label.startswith(m.name) else label,
                     "method_config": config,
                     "detector": det.model_dump(), "arch": method_cls.arch,
@@ -44,7 +44,7 @@ def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]
 
 
 def config_hash(cell: dict) -> str:
-    keep = {k: v for k, v in cell.items() if k not in ("cell_id", "label", "search")}
+    keep = {k: v for k, v in cell.items() if k not in ("cell_id", "label", "search", "stages")}
     keep["dataset"] = cell["dataset"]["name"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

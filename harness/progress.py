@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 def _cell(trial) -> str:
     cell = trial.config.get("cell", {})
-    hp = {k[3:]: v for k, v in trial.config.items() if k.startswith("hp/")}
-    extra = " " + " ".join(f"{k.replace('|', '.')}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+    from harness.distributed import sampled_params
+    hp = sampled_params(trial.config)
+    extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in hp.items()) if hp else ""
     return cell.get("cell_id", trial.trial_id) + extra
 

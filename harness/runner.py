@@ -23,7 +23,7 @@ from pathlib import Path
 from harness.config import data_cache_dir, load_suite
 from harness.data.loader import prepare_dataset
 from harness.plan import plan_cells, rows_for_trial
-from harness.results import ResultRow, ResultStore
+from harness.results import ResultStore
 
 log = logging.getLogger(__name__)
 PACKAGES = ("detbench", "torch", "torchvision", "ray", "optuna", "faster-coco-eval", "pycocotools",
@@ -73,12 +73,16 @@ def record_unfinished(grids, run: dict, store: ResultStore) -> None:
                 status = "stopped"
             else:
                 reason, status = f"trial errored: {str(result.error).splitlines()[0][:300]}", "failed"
-            from harness.distributed import apply_search
-            cell = apply_search(cfg["cell"], {k[3:].replace("|", "."): v for k, v in cfg.items()
-                                             if k.startswith("hp/")})
-            rows = rows_for_trial(run, cell, trial_id, {"train": {"status": "failed", "reason": reason}},
+            from harness.distributed import apply_search, sampled_params
+            cell = apply_search(cfg["cell"], sampled_params(cfg))
+            curve = [] if result.metrics_dataframe is None else [
+                {k: v for k, v in rec.items() if k == "epoch" or k == "lr" or k.startswith(("train/", "val/", "time/"))}
+                for rec in result.metrics_dataframe.to_dict("records") if "train/loss" in rec]
+            stage = cell["stages"][-1]
+            rows = rows_for_trial(run, cell, trial_id,
+                                  {stage: {"status": "failed", "reason": reason, "history": curve}},
                                   wall_s=math.nan)
-            rows = [r.model_copy(update={"status": status}) if isinstance(r, ResultRow) else r for r in rows]
+            rows = [r.model_copy(update={"status": status}) for r in rows]
             store.write_trial(trial_id, rows)
 
 

@@ -35,7 +35,6 @@ def init_ray(address: str | None, log_dir: Path | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-             include_dashboard=False if not address else None,
              runtime_env={"env_vars": dict(RAY_ENV)}, configure_logging=True)
 
 
@@ -81,8 +80,12 @@ def _tune_space(space: dict) -> dict:
         (kind, args), = dist.items()
         fn = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
               "choice": lambda *a: tune.choice(list(a))}[kind]
-        out["hp/" + key.replace(".", "|")] = fn(*args)
+        out[key.replace(".", "|")] = fn(*args)  # Tune flattens nested keys on "/" and "."
     return out
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
 
 
 def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=()) -> list:
@@ -99,7 +102,8 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=()) -
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(plain), "run": run},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                        trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name="cells", storage_path=storage, verbose=0,
                                       callbacks=list(callbacks)))
         grids.append(tuner.fit())
@@ -120,14 +124,17 @@ def _search_tuner(trainable, cell: dict, run: dict, storage: str, i: int, concur
     storage_backend = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     searcher = OptunaSearch(metric=s["metric"], mode=s["mode"], seed=cell["seed"],
                             storage=storage_backend, study_name=cell["cell_id"])
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell["schedule"]["epochs"],
+    # max_t one past the last epoch: a trial that reaches its end finishes by itself (and
+    # writes its rows) instead of being stopped by ASHA at the last report.
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell["schedule"]["epochs"] + 1,
                                grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
                  if s["scheduler"] == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
-        param_space={"cell": cell, "run": run, **_tune_space(s["space"])},
+        param_space={"cell": cell, "run": run, "hp": _tune_space(s["space"])},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=s["metric"],
                                     mode=s["mode"], num_samples=s["num_samples"],
-                                    max_concurrent_trials=concurrency),
+                                    max_concurrent_trials=concurrency,
+                                    trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=f"search{i}", storage_path=storage, verbose=0,
                                   callbacks=list(callbacks)))

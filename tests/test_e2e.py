@@ -86,3 +86,43 @@ def test_checkpoint_per_epoch_named_by_trial(micro_run):
     trials = ResultStore(run_dir).trial_ids()
     for t in trials:
         assert (run_dir / "train" / f"{t}-train").is_dir()
+
+
+ASHA_SUITE = """
+name: asha
+smoke: true
+datasets:
+  - name: tiny
+    format: coco
+    train: {{annotations: {train_annotations}, images: {train_images}}}
+    val: {{annotations: {val_annotations}, images: {val_images}}}
+detector: {{fpn_width: 16, image_size: 64}}
+methods:
+  - name: faster_rcnn
+    search:
+      space: {{schedule.lr: {{loguniform: [0.0001, 0.05]}}}}
+      num_samples: 4
+      metric: train/loss
+      mode: min
+      grace_period: 1
+      reduction_factor: 2
+seeds: [0]
+schedule: {{epochs: 3, batch_size: 4, warmup_iters: 2}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials: 1}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_optuna_asha_sweep_stops_trials_without_leaking(tmp_path, tiny_data, ray_local):
+    """4 Optuna samples, one at a time, ASHA stopping some: every trial gets rows, no hang."""
+    suite = tmp_path / "asha.yaml"
+    suite.write_text(ASHA_SUITE.format(**tiny_data))
+    run_dir = run_suite(suite, out_dir=tmp_path / "runs", name="asha", progress=False).parent
+    df = ResultStore(run_dir).read()
+    assert len(ResultStore(run_dir).trial_ids()) == 4
+    status = df[df["metric"] == "status"]
+    assert (status["status"] == "stopped").sum() >= 1, "ASHA stopped no trial"
+    assert "stopped early by the scheduler" in status["reason"].iloc[0]
+    assert (df[df["epoch"].isna() & (df["metric"] == "AP")]["status"] == "ok").sum() >= 1
+    assert (run_dir / "optuna" / "search0.journal").stat().st_size > 0
+    assert df["variant"].str.contains("schedule.lr=").all()
