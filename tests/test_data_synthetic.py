@@ -115,3 +115,72 @@ def test_bad_parameters(tmp_path, kw):
     with pytest.raises(ConfigError):
         write_synthetic_coco(tmp_path / "d", **args)
     assert not (tmp_path / "d").exists()
+
+
+# -- VisDrone-format synthetic data ---------------------------------------------------
+
+def test_visdrone_deterministic_bytes(tmp_path):
+    from harness.data.synthetic import write_synthetic_visdrone
+    a = write_synthetic_visdrone(tmp_path / "a", n_images=4, seed=7, image_size=(160, 96))
+    b = write_synthetic_visdrone(tmp_path / "b", n_images=4, seed=7, image_size=(160, 96))
+    c = write_synthetic_visdrone(tmp_path / "c", n_images=4, seed=8, image_size=(160, 96))
+    assert a == tmp_path / "a"
+    fa = _files(a)
+    assert len(fa) == 9 and fa == _files(b)
+    name = "images/0000001_00000_d_0000001.jpg"
+    assert fa[name][:3] == b"\xff\xd8\xff" and _files(c)[name] != fa[name]
+
+
+def test_visdrone_has_every_quirk_and_parses(tmp_path):
+    from harness.data.synthetic import write_synthetic_visdrone
+    from harness.data.visdrone import convert_visdrone, parse_visdrone_annotation
+    src = write_synthetic_visdrone(tmp_path / "d", n_images=5, seed=0, image_size=(192, 128))
+    texts = [p.read_text() for p in sorted((src / "annotations").glob("*.txt"))]
+    assert len(texts) == 5
+    for text in texts:  # trailing comma on some lines, not on others, in every file
+        lines = text.splitlines()
+        assert any(ln.endswith(",") for ln in lines) and not all(ln.endswith(",") for ln in lines)
+    objs = [o for p in sorted((src / "annotations").glob("*.txt"))
+            for o in parse_visdrone_annotation(p)]
+    kinds = [o["kind"] for o in objs]
+    assert {"object", "region", "others", "score0"} <= set(kinds)
+    scored = [o for o in objs if o["kind"] == "object"]
+    assert len(scored) >= 5 * 3  # dense
+    assert all(6 <= o["bbox"][2] <= 24 and 6 <= o["bbox"][3] <= 24 for o in scored)
+    assert len({o["category"] for o in scored}) >= 8
+    ann = convert_visdrone(src, tmp_path / "d.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = load_coco(ann, src)
+    assert len(idx) == 5 and idx.images[0]["width"] == 192 and idx.images[0]["height"] == 128
+    assert sum(len(idx.target(i)["boxes"]) for i in range(5)) == len(scored)
+    img, _ = CocoDetection(idx)[0]
+    assert img.shape == (3, 128, 192)
+
+
+def test_visdrone_reuse_replace_and_foreign(tmp_path):
+    from harness.data.synthetic import write_synthetic_visdrone
+    out = tmp_path / "d"
+    write_synthetic_visdrone(out, n_images=2, seed=0, image_size=64)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert write_synthetic_visdrone(out, n_images=2, seed=0, image_size=64) == out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    next(iter((out / "annotations").iterdir())).unlink()  # damaged: regenerated
+    write_synthetic_visdrone(out, n_images=2, seed=0, image_size=64)
+    assert len(list((out / "annotations").iterdir())) == 2
+    write_synthetic_visdrone(out, n_images=3, seed=0, image_size=64)  # other params
+    assert len(list((out / "images").iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    coco = write_synthetic_coco(tmp_path / "coco", n_images=2, seed=0)
+    with pytest.raises(DataError, match="refusing"):
+        write_synthetic_visdrone(coco.parent, n_images=2, seed=0)
+
+
+@pytest.mark.parametrize("kw", [{"n_images": 0}, {"image_size": 32}, {"image_size": (64,)},
+                                {"image_size": (64, 8)}, {"min_objects": 9, "max_objects": 4},
+                                {"seed": -1}, {"max_objects": 1}])
+def test_visdrone_bad_parameters(tmp_path, kw):
+    from harness.data.synthetic import write_synthetic_visdrone
+    with pytest.raises(ConfigError):
+        write_synthetic_visdrone(tmp_path / "d", **{"n_images": 2, "seed": 0, **kw})
+    assert not (tmp_path / "d").exists()

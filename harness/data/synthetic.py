@@ -178,10 +178,11 @@ def _write(root: Path, params: dict, classes) -> None:
     (root / "annotations.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def _install(tmp: Path, out_dir: Path, params: dict) -> None:
+def _install(tmp: Path, out_dir: Path, params: dict, is_complete=None) -> None:
     """Atomically move ``tmp`` to ``out_dir``, replacing an old synthetic set."""
+    done = is_complete or _is_complete
     old = None
-    if _is_complete(out_dir, params):  # a concurrent writer finished first
+    if done(out_dir, params):  # a concurrent writer finished first
         return
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -193,8 +194,174 @@ def _install(tmp: Path, out_dir: Path, params: dict) -> None:
         os.rename(tmp, out_dir)
     except OSError:
         # Another writer installed a dataset first; fine if it is ours.
-        if not _is_complete(out_dir, params):
+        if not done(out_dir, params):
             raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# VisDrone-DET format: dense small objects, ignore regions and every quirk of
+# the official text files, so tests exercise the real parser and protocol.
+# --------------------------------------------------------------------------
+VISDRONE_FORMAT_VERSION = 1
+VISDRONE_MARKER = "detbench_synthetic.json"  # written last: its presence = complete
+VISDRONE_N_CLASSES = 10  # categories 1..10 scored; 0 = ignored region, 11 = others
+VISDRONE_OBJECT_SIZE = (6, 24)
+
+
+def _visdrone_image(rng: np.random.Generator, width: int, height: int,
+                    min_objects: int, max_objects: int):
+    """One image and its annotation lines (as tuples of ints, file order)."""
+    base = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.4), rng.uniform(0.15, 0.3))
+    img = Image.new("RGB", (width, height), tuple(int(255 * c) for c in base))
+    draw = ImageDraw.Draw(img)
+    lines, placed = [], []  # placed: xywh of every region and object (no overlaps)
+
+    def free_box(lo, hi):
+        for _attempt in range(30):
+            w, h = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+            w, h = min(w, width), min(h, height)
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            if all(_overlap((x, y, w, h), p) <= 0 for p in placed):
+                placed.append((x, y, w, h))
+                return x, y, w, h
+        return None
+
+    def hue_rgb(k, sat=(0.6, 1.0)):
+        hue = (k + rng.uniform(0.15, 0.85)) / VISDRONE_N_CLASSES
+        rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(*sat), rng.uniform(0.75, 1.0))
+        return tuple(int(255 * c) for c in rgb)
+
+    # Ignored regions (category 0, score 0): a grey patch full of unannotated
+    # object-like clutter, like the crowds and car parks of the real set.
+    lo_r, hi_r = 16, max(17, min(64, width // 3, height // 3))
+    for _ in range(int(rng.integers(1, 3))):
+        box = free_box(lo_r, hi_r)
+        if box is None:
+            continue
+        x, y, w, h = box
+        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=(90, 90, 90))
+        for _c in range(int(rng.integers(2, 6))):
+            s = int(rng.integers(3, 9))
+            cx = x + int(rng.integers(0, max(1, w - s)))
+            cy = y + int(rng.integers(0, max(1, h - s)))
+            draw.rectangle([cx, cy, min(cx + s, x + w) - 1, min(cy + s, y + h) - 1],
+                           fill=hue_rgb(int(rng.integers(VISDRONE_N_CLASSES))))
+        lines.append((x, y, w, h, 0, 0, 0, 0))
+
+    n = int(rng.integers(min_objects, max_objects + 1))
+    for j in range(n):
+        box = free_box(*VISDRONE_OBJECT_SIZE)
+        if box is None:
+            continue  # image full; fewer objects is fine
+        x, y, w, h = box
+        k = int(rng.integers(VISDRONE_N_CLASSES))
+        u = rng.random()
+        kind = "others" if j == 0 or u < 0.05 else "score0" if j == 1 or u < 0.1 else "object"
+        if kind == "others":  # category 11: real objects of no scored class, greyish
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=hue_rgb(k, sat=(0.0, 0.15)))
+            lines.append((x, y, w, h, 1, 11, 0, int(rng.integers(0, 3))))
+            continue
+        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=hue_rgb(k))
+        trunc = int(x == 0 or y == 0 or x + w == width or y + h == height)
+        lines.append((x, y, w, h, 0 if kind == "score0" else 1, k + 1, trunc,
+                      int(rng.integers(0, 3))))
+    order = rng.permutation(len(lines))
+    lines = [lines[i] for i in order]
+    noise = rng.integers(-10, 11, size=(height, width, 3), dtype=np.int16)
+    arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB"), lines
+
+
+def _visdrone_complete(out_dir: Path, params: dict) -> bool | None:
+    """True: same dataset is there; False: another synthetic one; None: not ours."""
+    try:
+        marker = json.loads((out_dir / VISDRONE_MARKER).read_text(encoding="utf-8"))
+        stored, stems = marker["detbench_synthetic_visdrone"], marker["stems"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stored != params:
+        return False
+    return all((out_dir / "images" / f"{s}.jpg").is_file()
+               and (out_dir / "annotations" / f"{s}.txt").is_file() for s in stems)
+
+
+def write_synthetic_visdrone(out_dir, *, n_images: int, seed: int,
+                             image_size: int | tuple[int, int] = 256,
+                             min_objects: int = 5, max_objects: int = 30) -> Path:
+    """Write (or reuse) a synthetic VisDrone2019-DET folder; return ``out_dir``.
+
+    ``out_dir/images/<stem>.jpg`` (JPEG quality 95) and
+    ``out_dir/annotations/<stem>.txt`` in the official format, read by
+    :func:`harness.data.visdrone.convert_visdrone` like the real set.  Each
+    image (``image_size`` = side, or ``(width, height)``) has ``min_objects``
+    to ``max_objects`` small boxes (6-24 px) of classes 1..10 (class = hue
+    band, like :func:`write_synthetic_coco`), at least one "others" box
+    (category 11, greyish) and one score-0 box, 1-2 ignored regions
+    (category 0: grey patches of unannotated object-like clutter, which no
+    annotated box overlaps) and a trailing comma on about half the lines.
+    Deterministic (image ``i`` depends on ``(seed, i)`` and the parameters),
+    atomic and reused exactly like :func:`write_synthetic_coco`; the
+    parameters live in ``out_dir/detbench_synthetic.json``.
+    """
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        width = height = image_size
+    elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)):
+        width, height = image_size
+    else:
+        raise ConfigError(f"must be an integer or (width, height), got {image_size!r}",
+                          field="image_size")
+    for name, v, lo in (("n_images", n_images, 1), ("width", width, 64),
+                        ("height", height, 64), ("min_objects", min_objects, 0),
+                        ("max_objects", max_objects, 2), ("seed", seed, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"must be an integer >= {lo}, got {v!r}",
+                              field="image_size" if name in ("width", "height") else name)
+    if min_objects > max_objects:
+        raise ConfigError(f"min_objects {min_objects} > max_objects {max_objects}",
+                          field="min_objects")
+    out_dir = Path(out_dir)
+    params = {"version": VISDRONE_FORMAT_VERSION, "n_images": n_images, "seed": seed,
+              "width": width, "height": height, "min_objects": min_objects,
+              "max_objects": max_objects}
+    if out_dir.exists():
+        state = _visdrone_complete(out_dir, params)
+        if state:
+            return out_dir
+        if state is None and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise DataError("exists and is not a detbench synthetic dataset; "
+                            "refusing to overwrite it", file=out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        _write_visdrone(tmp, params)
+        _install(tmp, out_dir, params, is_complete=_visdrone_complete)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_visdrone(root: Path, params: dict) -> None:
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    stems = []
+    for i in range(params["n_images"]):
+        rng = np.random.default_rng([params["seed"], i, 7])
+        img, lines = _visdrone_image(rng, params["width"], params["height"],
+                                     params["min_objects"], params["max_objects"])
+        stem = f"{i + 1:07d}_00000_d_{i + 1:07d}"  # the official naming pattern
+        img.save(root / "images" / f"{stem}.jpg", format="JPEG", quality=95)
+        comma = rng.random(len(lines)) < 0.5
+        if len(lines) >= 2:
+            comma[0], comma[1] = True, False  # both styles in every file
+        text = "".join(",".join(str(v) for v in ln) + ("," if c else "") + "\n"
+                       for ln, c in zip(lines, comma))
+        (root / "annotations" / f"{stem}.txt").write_text(text, encoding="utf-8")
+        stems.append(stem)
+    (root / VISDRONE_MARKER).write_text(
+        json.dumps({"detbench_synthetic_visdrone": params, "stems": stems}, indent=1),
+        encoding="utf-8")
