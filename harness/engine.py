@@ -181,5 +181,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         record["epoch"] = state.epoch
         state.history.append(record)
         if on_epoch:
+            t1 = time.perf_counter()
             on_epoch(state, model, optimizer)
+            record["time/report_s"] = time.perf_counter() - t1  # reporting + checkpoint cost
     return state, model

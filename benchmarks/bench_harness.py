@@ -1,0 +1,111 @@
+"""Harness overhead and evaluation backends (issue: foundation).
+
+(a) Per-step training time of the harness path (Ray Train, 1 worker, with its
+    per-epoch report + checkpoint) divided by a plain PyTorch loop on the same
+    model, data and batch, after a warm-up epoch. Target <= 1.10.
+(b) COCO evaluation time, pycocotools / faster-coco-eval, on a generated
+    2,000-image set in real COCO format.
+"""
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EPOCHS, IMAGES, BATCH = 4, 64, 8
+
+
+def _job_config(dataset: dict) -> dict:
+    from harness.config import DetectorSpec, ScheduleSpec
+    return {"method": "faster_rcnn", "method_config": {}, "stage": "train", "arch": "faster_rcnn",
+            "detector": DetectorSpec(fpn_width=64, image_size=128).model_dump(),
+            "schedule": ScheduleSpec(epochs=EPOCHS, batch_size=BATCH, eval_every=1000, warmup_iters=5).model_dump(),
+            "dataset": dataset, "seed": 0, "artifacts": {}, "threads": 1}
+
+
+def _per_step(history: list[dict], steps: int, with_report: bool) -> float:
+    """Median seconds per step over the epochs after the first (warm-up) one, last excluded (it evaluates)."""
+    per = [(h["time/epoch_s"] + (h.get("time/report_s", 0.0) if with_report else 0.0)) / steps
+           for h in history[1:-1]]
+    return statistics.median(per)
+
+
+def bench_overhead(tmp: Path) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from harness.data.loader import PreparedDataset
+    from harness.data.synthetic import write_synthetic_coco
+    from harness.distributed import _job, train_worker
+    from harness.engine import run_stage
+    from harness.sweep import init_ray
+
+    tr = write_synthetic_coco(tmp / "train", n_images=IMAGES, seed=0)
+    va = write_synthetic_coco(tmp / "val", n_images=8, seed=1)
+    dataset = PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)).to_dict()
+    cfg = _job_config(dataset)
+    steps = IMAGES // BATCH
+
+    torch.set_num_threads(1)
+    plain, _ = run_stage(_job(cfg), device=torch.device("cpu"))
+    t_plain = _per_step(plain.history, steps, with_report=False)
+
+    init_ray(None)
+    result = TorchTrainer(train_worker, train_loop_config=cfg,
+                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
+    ray.shutdown()
+    t_ray = _per_step(result.return_value["history"], steps, with_report=True)
+    print(f"(a) step time, faster_rcnn r18/FPN64/128px, batch {BATCH}, 1 thread:")
+    print(f"    plain PyTorch loop   {t_plain * 1000:8.1f} ms/step")
+    print(f"    harness (Ray Train)  {t_ray * 1000:8.1f} ms/step  (incl. per-epoch report + checkpoint)")
+    print(f"    ratio harness/plain  {t_ray / t_plain:8.3f}   (target <= 1.10)")
+
+
+def bench_eval(tmp: Path, n_images: int = 2000) -> None:
+    from harness.data.coco import load_coco
+    from harness.data.synthetic import write_synthetic_coco
+    from harness.evaluate.coco import evaluate_coco
+
+    ann = write_synthetic_coco(tmp / "eval", n_images=n_images, seed=3, max_objects=6)
+    gt = load_coco(ann, ann.parent, check_images=False).gt_for_eval()
+    rng = random.Random(0)
+    dets = []
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        for _ in range(3):  # jittered true positives of decreasing quality
+            j = lambda v: v + rng.uniform(-0.15, 0.15) * max(w, h)  # noqa: E731
+            dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                         "bbox": [j(x), j(y), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
+                         "score": rng.random()})
+    cats = [c["id"] for c in gt["categories"]]
+    for im in gt["images"]:
+        for _ in range(10):  # false positives
+            dets.append({"image_id": im["id"], "category_id": rng.choice(cats),
+                         "bbox": [rng.uniform(0, 100), rng.uniform(0, 100), rng.uniform(5, 40), rng.uniform(5, 40)],
+                         "score": rng.random() * 0.5})
+    times = {}
+    for backend in ("pycocotools", "faster_coco_eval"):
+        t0 = time.perf_counter()
+        res = evaluate_coco(gt, dets, backend=backend)
+        times[backend] = time.perf_counter() - t0
+        print(f"(b) {backend:17s} {times[backend]:6.2f} s  AP={res['AP']:.4f}")
+    print(f"    {n_images} images, {len(dets)} detections; pycocotools / faster-coco-eval = "
+          f"{times['pycocotools'] / times['faster_coco_eval']:.2f}x")
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    with tempfile.TemporaryDirectory() as d:
+        bench_overhead(Path(d))
+        bench_eval(Path(d))
+
+
+if __name__ == "__main__":
+    main()
