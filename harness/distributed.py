@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
+from harness.artifacts import ArtifactStore, artifact_key
 from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
 from harness.registry import METHODS
 
@@ -29,11 +30,28 @@ TRIAL_CPU = 0.01  # the trial driver itself: enough to be scheduled, small enoug
 
 
 def _job(cfg: dict) -> StageJob:
-    method_cls = METHODS.get(cfg["method"])
-    return StageJob(method=method_cls(cfg["method_config"]), stage=cfg["stage"], dataset=cfg["dataset"],
-                    detector=DetectorSpec(**cfg["detector"]), arch=cfg["arch"],
-                    schedule=ScheduleSpec(**cfg["schedule"]), seed=cfg["seed"],
+    method = METHODS.get(cfg["method"])(cfg["method_config"])
+    stage = cfg["stage"]
+    return StageJob(method=method, stage=stage, dataset=cfg["dataset"],
+                    detector=method.stage_detector(stage, DetectorSpec(**cfg["detector"])), arch=cfg["arch"],
+                    schedule=method.stage_schedule(stage, ScheduleSpec(**cfg["schedule"])), seed=cfg["seed"],
                     artifacts={k: Path(v) for k, v in cfg["artifacts"].items()})
+
+
+def stage_artifact_key(cell: dict, stage: str) -> str:
+    """Key of an earlier stage's output: everything that determines it, nothing else."""
+    job = _job({**cell, "stage": stage, "artifacts": {}})
+    data = {k: v for k, v in cell["dataset"].items() if k != "name"}
+    return artifact_key({"method": cell["method"], "stage": stage, "config": job.method.stage_key(stage),
+                         "dataset": data, "detector": job.detector.model_dump(), "arch": cell["arch"],
+                         "schedule": job.schedule.model_dump(), "seed": cell["seed"],
+                         "earlier": cell["stages"][:cell["stages"].index(stage)]})
+
+
+class StageFailed(Exception):
+    def __init__(self, output: dict):
+        super().__init__(output.get("reason", "stage failed"))
+        self.output = output
 
 
 def train_worker(cfg: dict) -> dict:
@@ -127,27 +145,43 @@ def run_trial(config: dict) -> None:
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
     stages = cell["stages"]
     outputs, artifacts, t0 = {}, {}, time.time()
+    store = ArtifactStore(run.get("artifacts_dir") or os.path.join(run["run_dir"], "artifacts"))
+
+    def fit_stage(stage: str, last: bool):
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={**cell, "stage": stage, "artifacts": artifacts,
+                               "threads": res["cpus_per_worker"]},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu,
+                                         resources_per_worker=per_worker),
+            run_config=RunConfig(
+                name=f"{trial_id}-{stage}", storage_path=os.path.join(run["run_dir"], "train"),
+                failure_config=FailureConfig(max_failures=res["max_failures"]),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                callbacks=[TuneReportCallback()] if last else []))
+        result = trainer.fit()
+        out = result.return_value or {"status": "failed", "reason": f"stage {stage}: no result"}
+        if out["status"] != "ok":
+            raise StageFailed(out)
+        return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
+
     try:
         for i, stage in enumerate(stages):
-            last = i == len(stages) - 1
-            trainer = TorchTrainer(
-                train_worker,
-                train_loop_config={**cell, "stage": stage, "artifacts": artifacts,
-                                   "threads": res["cpus_per_worker"]},
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu,
-                                             resources_per_worker=per_worker),
-                run_config=RunConfig(
-                    name=f"{trial_id}-{stage}", storage_path=os.path.join(run["run_dir"], "train"),
-                    failure_config=FailureConfig(max_failures=res["max_failures"]),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1),
-                    callbacks=[TuneReportCallback()] if last else []))
-            result = trainer.fit()
-            out = result.return_value or {"status": "failed", "reason": f"stage {stage}: no result"}
-            outputs[stage] = out
-            if out["status"] != "ok":
+            if i == len(stages) - 1:
+                outputs[stage] = fit_stage(stage, last=True)[0]
                 break
-            artifacts[stage] = os.path.join(result.checkpoint.path, "detector.pt")
+            # Earlier stages are shared artifacts: produced once, reused by every trial.
+            def make(stage=stage):
+                out, files = fit_stage(stage, last=False)
+                return files, {"output": out, "method": cell["method"], "stage": stage,
+                               "dataset": cell["dataset"]["name"], "seed": cell["seed"]}
+            key = stage_artifact_key(cell, stage)
+            folder, reused = store.produce(key, make)
+            outputs[stage] = {**store.meta(key)["output"], "reused": reused, "artifact": key}
+            artifacts[stage] = str(folder / "detector.pt")
+    except StageFailed as exc:
+        outputs[stage] = exc.output
     except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
         outputs[stage] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".strip()[:500],
                           "traceback": traceback.format_exc()}

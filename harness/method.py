@@ -101,6 +101,24 @@ class Method:
             raise ConfigError(f"'{key}' is not a field of method '{cls.name}' nor of the schedule; "
                               f"valid: {', '.join(options)}", file=file, field=field)
 
+    #: For stages before the last: the config fields each one reads. An earlier stage's
+    #: output is cached by these (plus data, detector, schedule, seed), so sweeping
+    #: any other field reuses it. Stages not listed read no field.
+    stage_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def stage_detector(self, stage: str, detector: DetectorSpec) -> DetectorSpec:
+        """The detector a stage trains (e.g. DeFeat's larger teacher); default: the suite's."""
+        return detector
+
+    def stage_schedule(self, stage: str, schedule: ScheduleSpec) -> ScheduleSpec:
+        return schedule
+
+    def stage_key(self, stage: str) -> dict:
+        """What of this method's config determines ``stage``'s output (for the artifact key)."""
+        if stage == self.stages[-1]:
+            return self.config.model_dump()
+        return {f: getattr(self.config, f) for f in self.stage_fields.get(stage, ())}
+
     # -- what plugins implement
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         raise NotImplementedError
