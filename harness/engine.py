@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
+from harness.data.coco import CocoDetection
 from harness.data.loader import eval_loader, load_split, train_loader
 from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
 from harness.method import Method, StageContext
@@ -62,6 +63,17 @@ def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / world_size for k, v in zip(keys, t)}
+
+
+def to_device(obj, device):
+    """Tensors anywhere inside lists / tuples / dicts moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 @torch.no_grad()
@@ -132,7 +144,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         model.load_state_dict(model_state["model"])
         optimizer.load_state_dict(model_state["optimizer"])
     per_worker = max(1, s.batch_size // world_size)
-    loader = train_loader(train_index, per_worker, seed=job.seed, world_size=world_size, rank=rank)
+    loader = train_loader(job.method.train_dataset(job.stage, ctx, CocoDetection(train_index)), per_worker,
+                          seed=job.seed, world_size=world_size, rank=rank)
     ctx.steps_per_epoch = len(loader)
     total_steps = s.epochs * len(loader)
     trained = wrap(model) if wrap else model
@@ -148,8 +161,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
             it = epoch * len(loader) + step
             for g in optimizer.param_groups:
                 g["lr"] = s.lr * lr_factor(it, total_steps, s)
-            images = [im.to(device) for im in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            images, targets = to_device(images, device), to_device(targets, device)
             terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
             loss = sum(terms.values())
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
@@ -163,6 +175,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             optimizer.step()
+            job.method.after_step(job.stage, model, ctx)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -173,7 +186,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         record["time/epoch_s"] = time.perf_counter() - t0
         record["lr"] = optimizer.param_groups[0]["lr"]
         record.update(job.method.epoch_metrics(job.stage, model, ctx))
-        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+        due = (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs
+        if due and job.method.evaluates(job.stage):
             state.last_eval = evaluate_detector(job.method.detector_of(model), val_index, device=device,
                                                 world_size=world_size, rank=rank)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})

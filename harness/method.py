@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
+from torch.utils.data import Dataset
 
 from harness.config import DetectorSpec, ScheduleSpec, format_validation_error
 from harness.errors import ConfigError
@@ -78,7 +79,8 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     stages: ClassVar[tuple[str, ...]] = ("train",)
-    arch: ClassVar[str] = "faster_rcnn"
+    arch: ClassVar[str] = "faster_rcnn"                     # the detector trained by default
+    supported_archs: ClassVar[tuple[str, ...]] = ()         # others it can train (suite detector.arch)
 
     def __init__(self, config: MethodConfig | dict | None = None):
         self.config = config if isinstance(config, MethodConfig) else self.Config(**(config or {}))
@@ -118,6 +120,26 @@ class Method:
         if stage == self.stages[-1]:
             return self.config.model_dump()
         return {f: getattr(self.config, f) for f in self.stage_fields.get(stage, ())}
+
+    @property
+    def active_stages(self) -> tuple[str, ...]:
+        """The stages this configuration runs (e.g. no teacher stage when a teacher file is given)."""
+        return self.stages
+
+    def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
+        """What a stage trains on; default the detection dataset of (image, target) pairs.
+
+        Samples must stay pairs ``(inputs, targets)``: the loader collates them into two
+        lists, moves every tensor inside to the device and hands them to ``training_losses``.
+        """
+        return dataset
+
+    def evaluates(self, stage: str) -> bool:
+        """Whether a stage's detector is evaluated (not, e.g., for self-supervised pretraining)."""
+        return True
+
+    def after_step(self, stage: str, model: nn.Module, ctx: StageContext) -> None:
+        """Called after every optimiser step (e.g. an EMA target update)."""
 
     # -- what plugins implement
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:

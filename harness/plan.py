@@ -23,19 +23,21 @@ def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]
     for i, m in enumerate(suite.methods):
         method_cls = METHODS.get(m.name)
         det = detector_for(suite, m)
-        if det.arch and det.arch != method_cls.arch:
-            raise ConfigError(f"method '{m.name}' trains a {method_cls.arch} detector, not {det.arch}",
-                              field=f"methods[{i}].detector.arch")
-        config = method_cls.validate_config(m.config).model_dump()
+        arch = det.arch or method_cls.arch
+        if arch not in (method_cls.arch, *method_cls.supported_archs):
+            raise ConfigError(f"method '{m.name}' trains {', '.join((method_cls.arch, *method_cls.supported_archs))}"
+                              f" detectors, not {arch}", field=f"methods[{i}].detector.arch")
+        method = method_cls(method_cls.validate_config(m.config))
+        config = method.config.model_dump()
         for ds in suite.datasets:
             for seed in suite.seeds:
                 label = method_label(m)
                 cells.append({
                     "cell_id": f"{label}/{ds.name}/seed{seed}",
-                    "method": m.name, "label": label, "stages": list(method_cls.stages),
+                    "method": m.name, "label": label, "stages": list(method.active_stages),
                     "variant": label[len(m.name):].strip("[]") if label.startswith(m.name) else label,
                     "method_config": config,
-                    "detector": det.model_dump(), "arch": method_cls.arch,
+                    "detector": det.model_dump(), "arch": arch,
                     "schedule": schedule_for(suite, m).model_dump(),
                     "dataset": prepared[ds.name].to_dict(), "seed": seed,
                     "search": m.search.model_dump() if m.search else None,

@@ -61,10 +61,9 @@ def load_split(prepared: PreparedDataset | dict, split: str, *, check_images: bo
     return load_coco(d[f"{split}_annotations"], d[f"{split}_images"], check_images=check_images)
 
 
-def train_loader(index: CocoIndex, batch_size: int, *, seed: int, world_size: int = 1, rank: int = 0,
-                 num_workers: int = 0) -> DataLoader:
+def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int, world_size: int = 1,
+                 rank: int = 0, num_workers: int = 0) -> DataLoader:
     """Shuffled, sharded over DDP ranks; ``batch_size`` is per worker."""
-    dataset = CocoDetection(index)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
