@@ -22,13 +22,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import format_for_terminal, write_leaderboard
+    from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.results import ResultStore
     run_dir = Path(args.run_dir)
     if not (run_dir / "rows").is_dir():
         raise DetbenchError("not a run directory (no rows/ folder)", file=run_dir)
     path = write_leaderboard(run_dir, args.format)
-    print(format_for_terminal(ResultStore(run_dir).read()))
+    print(format_for_terminal(ResultStore(run_dir).read(), baselines=run_baselines(run_dir)))
     print(f"\nleaderboard: {path}")
     return 0
 

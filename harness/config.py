@@ -105,6 +105,7 @@ class MethodSpec(Strict):
     detector: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite detector
     schedule: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite schedule
     search: SearchSpec | None = None
+    baseline: str | None = None  # label of the row this method's gain is measured against
 
 
 class ResourcesSpec(Strict):
@@ -255,6 +256,11 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
     if dup:
         raise ConfigError(f"two methods share the leaderboard label {sorted(dup)}; give one a 'label'",
                           file=path, field="methods")
+    for i, m in enumerate(suite.methods):
+        if m.baseline is not None and m.baseline not in labels:
+            raise ConfigError(f"baseline '{m.baseline}' is not a method label of this suite"
+                              f"{_suggest(m.baseline, labels)}; labels: {', '.join(labels)}",
+                              file=path, field=f"methods[{i}].baseline")
     data_cache = suite.data_cache and _resolve_path(suite.data_cache, base)
     return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache})
 

@@ -44,7 +44,7 @@ def _fmt(values: np.ndarray, n_method: int) -> str:
 
 
 def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
-                      stage: str | None = None) -> pd.DataFrame:
+                      stage: str | None = None, baselines: dict[str, str] | None = None) -> pd.DataFrame:
     """Methods x (dataset, condition, metric) table of "mean ± std" strings.
 
     Extra columns ("seeds", "", "") and ("failed", "", ""). Numeric
@@ -53,11 +53,18 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
     sorted by the first metric column's mean, best first. A cell with fewer
     seeds than its method has elsewhere gets an "(n=k)" suffix.
     ``stage`` optionally restricts to one stage (e.g. only final retrains).
+    ``baselines`` maps a row label to the label it is compared with: a
+    "ΔAP vs baseline" column per (dataset, condition) gives the gain in AP
+    points and relative to the baseline.
     """
     metrics = list(metrics)
     if stage is not None:
         df = df[df["stage"] == stage]
-    label = pd.Series([_label(m, v) for m, v in zip(df["method"], df["variant"])],
+    base = [_label(m, v) for m, v in zip(df["method"], df["variant"])]
+    # Methods with several stages (teacher -> student, ...) get one row per stage.
+    done = df["epoch"].isna() & (df["status"] == "ok")
+    n_stages = pd.Series(df["stage"].to_numpy(), index=base)[done.to_numpy()].groupby(level=0).nunique()
+    label = pd.Series([f"{b} ({st})" if n_stages.get(b, 1) > 1 else b for b, st in zip(base, df["stage"])],
                       index=df.index, dtype=object)
     failed = (df[df["status"] == "failed"].assign(label=label)
               .groupby("label")["trial_id"].nunique())
@@ -92,6 +99,14 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
         order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
                                                 -np.nan_to_num(first[lab]), lab))
         mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
+    for lab, ref in (baselines or {}).items():  # gain over the method's baseline row
+        for d, c, m in [col for col in cols if col[2] == metrics[0]]:
+            if lab in mean.index and ref in mean.index:
+                a, b = mean.loc[lab, (d, c, m)], mean.loc[ref, (d, c, m)]
+                if not (np.isnan(a) or np.isnan(b)):
+                    rel = f" ({(a - b) / b * 100:+.1f}%)" if b else ""
+                    text.loc[lab, (f"Δ{m} vs baseline", f"{d}/{c}", "")] = f"{a - b:+.1f}{rel} vs {ref}"
+    text = text.fillna("")
     text[("seeds", "", "")] = [int(seeds.get(lab, 0)) for lab in text.index]
     text[("failed", "", "")] = [int(failed.get(lab, 0)) for lab in text.index]
     smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
@@ -133,7 +148,8 @@ def _is_rows(df: pd.DataFrame) -> bool:
 
 
 def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False,
-                       title: str | None = None, metrics=("AP", "AP50")) -> str:
+                       title: str | None = None, metrics=("AP", "AP50"),
+                       baselines: dict[str, str] | None = None) -> str:
     """Render raw result rows (or a built board) as Markdown, CSV or HTML.
 
     Best mean per column: Markdown ``**bold**``, HTML ``<b>``, CSV trailing
@@ -142,7 +158,7 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown leaderboard format {fmt!r}; expected one of {list(FORMATS)}")
-    board = build_leaderboard(df, metrics) if _is_rows(df) else df
+    board = build_leaderboard(df, metrics, baselines=baselines) if _is_rows(df) else df
     smoke = smoke or bool(board.attrs.get("smoke", False))
     has_cells = len(board.columns) > len(_EXTRA) and len(board)
     if fmt == "csv":
@@ -181,9 +197,10 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
     return "\n".join(lines) + "\n"
 
 
-def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50")) -> str:
+def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),
+                        baselines: dict[str, str] | None = None) -> str:
     """Plain-text table for the CLI; best cells get a trailing ``*``."""
-    board = build_leaderboard(df, metrics) if _is_rows(df) else df
+    board = build_leaderboard(df, metrics, baselines=baselines) if _is_rows(df) else df
     prefix = SMOKE_BANNER + "\n" if board.attrs.get("smoke") else ""
     if len(board.columns) <= len(_EXTRA) or not len(board):
         return prefix + _empty_message(board)
@@ -192,12 +209,22 @@ def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50")) -> str:
     return prefix + flat.to_string()
 
 
+def run_baselines(run_dir: str | Path) -> dict[str, str]:
+    """``label -> baseline label`` recorded in the run's manifest (from the suite's ``baseline:``)."""
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    import json
+    return json.loads(manifest.read_text()).get("baselines", {})
+
+
 def write_leaderboard(run_dir: str | Path, fmt: str = "md", *, metrics=("AP", "AP50"),
                       title: str | None = None) -> Path:
     """Render the run's leaderboard to ``run_dir/leaderboard.<fmt>`` atomically."""
     run_dir = Path(run_dir)
     df = ResultStore(run_dir).read()
-    text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics)
+    text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics,
+                              baselines=run_baselines(run_dir))
     path = run_dir / f"leaderboard.{FORMATS[fmt]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".leaderboard.{uuid.uuid4().hex[:8]}.tmp"

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from harness.config import data_cache_dir, load_suite
+from harness.config import data_cache_dir, load_suite, method_label
 from harness.data.loader import prepare_dataset
 from harness.plan import plan_cells, rows_for_trial
 from harness.results import ResultStore
@@ -114,6 +114,7 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
                 "ray_session_dir": ray._private.worker._global_node.get_session_dir_path()
                 if ray._private.worker._global_node else None,
                 "seeds": suite.seeds, "cells": [c["cell_id"] for c in cells],
+                "baselines": {method_label(m): m.baseline for m in suite.methods if m.baseline},
                 "concurrency": concurrency, "started": stamp}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     run = {"run_dir": str(run_dir), "run_id": run_dir.name, "suite": suite.name, "smoke": suite.smoke,
@@ -133,6 +134,6 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     record_unfinished(grids, run, store)
     board = write_leaderboard(run_dir, "md")
     write_leaderboard(run_dir, "csv")
-    print(format_for_terminal(store.read()))
+    print(format_for_terminal(store.read(), baselines=manifest["baselines"]))
     print(f"\nwall time {time.time() - t0:.0f} s")
     return board

@@ -136,3 +136,30 @@ def test_fewer_seeds_in_one_cell_is_flagged(store):
     df = df[~((df.method == "focal") & (df.seed == 1) & (df.condition == "fog"))]
     board = build_leaderboard(df, metrics=("AP",))
     assert board.loc["focal[g2]", ("voc", "fog@2", "AP")] == "30.0 (n=1)"
+
+
+def _final_row(method, seed, value, *, stage="train", variant="", metric="AP"):
+    from harness.results import ResultRow
+    return ResultRow(run_id="r", suite="s", trial_id=f"{method}{variant}{stage}{seed}", cell="c",
+                     method=method, variant=variant, stage=stage, dataset="d", seed=seed, metric=metric,
+                     value=value, config_hash="h", config_json="{}", detector="x", wall_s=1.0,
+                     status="ok").model_dump()
+
+
+def test_multi_stage_methods_get_a_row_per_stage():
+    import pandas as pd
+    rows = [_final_row("defeat", 0, 0.40, stage="teacher"), _final_row("defeat", 0, 0.30, stage="student"),
+            _final_row("focal", 0, 0.25)]
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",))
+    assert set(board.index) == {"defeat (teacher)", "defeat (student)", "focal"}
+
+
+def test_gain_over_baseline_column():
+    import pandas as pd
+    rows = [_final_row("umop", s, v) for s, v in ((0, 0.33), (1, 0.35))]
+    rows += [_final_row("focal", s, v) for s, v in ((0, 0.30), (1, 0.30))]
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), baselines={"umop": "focal"})
+    col = ("ΔAP vs baseline", "d/clean", "")
+    assert board.loc["umop", col] == "+4.0 (+13.3%) vs focal"
+    assert board.loc["focal", col] == ""
+    assert "ΔAP vs baseline/d/clean" in render_leaderboard(board, "md")

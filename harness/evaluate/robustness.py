@@ -36,7 +36,7 @@ def _label(method: str, variant) -> str:  # same as the leaderboard's
     return f"{method}[{variant}]" if isinstance(variant, str) and variant else method
 
 
-def _final_rows(df_or_records, metric: str) -> pd.DataFrame:
+def _final_rows(df_or_records, metric: str) -> tuple[pd.DataFrame, list[str]]:
     df = df_or_records if isinstance(df_or_records, pd.DataFrame) \
         else pd.DataFrame.from_records(list(df_or_records))
     missing = [c for c in _NEEDED if c not in df.columns]
@@ -123,9 +123,7 @@ def plot_ap_vs_severity(df, out_dir, *, metric: str = "AP") -> list[Path]:
     stages are labelled ``method/stage``.  Files:
     ``out_dir/ap_vs_severity_<dataset>_<family>.png``; returns their paths.
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot state
     from matplotlib.figure import Figure
 
     sm = seed_means(df, metric=metric)
@@ -142,6 +140,7 @@ def plot_ap_vs_severity(df, out_dir, *, metric: str = "AP") -> list[Path]:
             if f.empty:
                 continue
             fig = Figure(figsize=(5.5, 4))
+            FigureCanvasAgg(fig)
             ax = fig.add_subplot()
             curves = f.groupby(["label", "severity"])["value"].mean()
             members = sorted(f["condition"].unique())
@@ -160,6 +159,5 @@ def plot_ap_vs_severity(df, out_dir, *, metric: str = "AP") -> list[Path]:
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(dataset))
             path = out_dir / f"ap_vs_severity_{safe}_{fam}.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
             paths.append(path)
     return paths
