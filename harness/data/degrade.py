@@ -521,16 +521,18 @@ def _read_journal(path: Path, params: dict) -> dict:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return {}
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("params") != params:
+        return {}
     recs = {}
-    for k, line in enumerate(lines):
+    for line in lines[1:]:
         try:
             obj = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        if k == 0:
-            if obj.get("params") != params:
-                return {}
-            continue
         if isinstance(obj, dict) and "file" in obj:
             recs[obj["file"]] = obj
     return recs
