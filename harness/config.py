@@ -28,9 +28,10 @@ class Strict(BaseModel):
 
 
 class SplitSpec(Strict):
-    """One split of a COCO-format dataset: instances JSON + image root."""
-    annotations: str
-    images: str
+    """One split: a COCO instances JSON + image root, or a VisDrone-DET folder (``root``)."""
+    annotations: str | None = None
+    images: str | None = None
+    root: str | None = None
 
 
 class SyntheticSpec(Strict):
@@ -40,21 +41,43 @@ class SyntheticSpec(Strict):
     seed: int = 0
     image_size: int = Field(128, ge=32)
     max_objects: int = Field(4, ge=1)
+    kind: Literal["coco", "visdrone"] = "coco"  # written in that dataset's real file format
 
 
 class DatasetSpec(Strict):
     name: str
-    format: Literal["coco", "synthetic"] = "coco"
+    format: Literal["coco", "visdrone", "synthetic"] = "coco"
     train: SplitSpec | None = None
     val: SplitSpec | None = None
     synthetic: SyntheticSpec | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> "DatasetSpec":
-        if self.format == "coco" and (self.train is None or self.val is None):
-            raise ValueError("a 'coco' dataset needs both 'train' and 'val' splits")
+        if self.format in ("coco", "visdrone") and (self.train is None or self.val is None):
+            raise ValueError(f"a '{self.format}' dataset needs both 'train' and 'val' splits")
+        need = ("root",) if self.format == "visdrone" else ("annotations", "images")
+        for split in ("train", "val") if self.format != "synthetic" else ():
+            missing = [k for k in need if getattr(getattr(self, split), k) is None]
+            if missing:
+                raise ValueError(f"{split}: a '{self.format}' split needs {' and '.join(need)}")
         if self.format == "synthetic" and self.synthetic is None:
             object.__setattr__(self, "synthetic", SyntheticSpec())
+        return self
+
+
+class RealCondition(Strict):
+    """A real degraded test set (e.g. a foggy set), evaluated with the same models."""
+    name: str
+    format: Literal["coco", "voc"]
+    annotations: str | None = None  # coco: instances JSON
+    xml: str | None = None          # voc: folder of XML files
+    images: str
+    dataset: str | None = None      # the training dataset it belongs to (default: every dataset)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RealCondition":
+        if (self.format == "coco") != (self.annotations is not None) or (self.format == "voc") != (self.xml is not None):
+            raise ValueError("a 'coco' condition needs 'annotations', a 'voc' one needs 'xml'")
         return self
 
 
@@ -69,6 +92,8 @@ class DetectorSpec(Strict):
     rpn_batch_size_per_image: int = 128
     box_batch_size_per_image: int = 128
     detections_per_img: int = 100
+    retina_fg_iou: float = 0.5  # RetinaNet anchor matcher (torchvision's defaults)
+    retina_bg_iou: float = 0.4
 
 
 class ScheduleSpec(Strict):
@@ -105,6 +130,7 @@ class MethodSpec(Strict):
     detector: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite detector
     schedule: dict[str, Any] = Field(default_factory=dict)  # overrides of the suite schedule
     search: SearchSpec | None = None
+    datasets: list[str] | None = None  # only these datasets of the suite (default: all)
     baseline: str | None = None  # label of the row this method's gain is measured against
 
 
@@ -124,7 +150,8 @@ class Suite(Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    conditions: list[Literal["clean"]] = Field(default_factory=lambda: ["clean"])
+    conditions: list[str | dict[str, Any]] = Field(default_factory=lambda: ["clean"])
+    condition_seed: int = 0  # enters every corrupted image's seed
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     data_cache: str | None = None  # where generated data lives; default ~/.cache/detbench
 
@@ -230,16 +257,19 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
             sp = getattr(ds, split)
             if sp is None:
                 continue
-            resolved = SplitSpec(annotations=_resolve_path(sp.annotations, base),
-                                 images=_resolve_path(sp.images, base))
-            for key in ("annotations", "images"):
-                p = getattr(resolved, key)
-                if check_paths and not os.path.exists(p):
-                    raise ConfigError(f"path does not exist: {p}", file=path,
-                                      field=f"datasets[{i}].{split}.{key}")
+            resolved = SplitSpec(**{k: _resolve_path(v, base) for k, v in sp.model_dump().items() if v})
+            for key, p in resolved.model_dump().items():
+                if p and check_paths:
+                    _check_exists(p, path, f"datasets[{i}].{split}.{key}")
             upd[split] = resolved
         datasets.append(ds.model_copy(update=upd))
+    conditions = split_conditions(suite.conditions, path, base, check_paths)
+    names = [d.name for d in suite.datasets]
     for i, m in enumerate(suite.methods):
+        for k, d in enumerate(m.datasets or ()):
+            if d not in names:
+                raise ConfigError(f"unknown dataset '{d}'{_suggest(d, names)}; datasets: {', '.join(names)}",
+                                  file=path, field=f"methods[{i}].datasets[{k}]")
         method = METHODS.get(m.name, file=path, field=f"methods[{i}].name")
         method.validate_config(m.config, file=str(path), prefix=("methods", i, "config"))
         for key, model, base_spec in (("detector", DetectorSpec, suite.detector),
@@ -262,7 +292,41 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                               f"{_suggest(m.baseline, labels)}; labels: {', '.join(labels)}",
                               file=path, field=f"methods[{i}].baseline")
     data_cache = suite.data_cache and _resolve_path(suite.data_cache, base)
-    return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache})
+    return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache, "conditions": conditions})
+
+
+def _check_exists(p: str, suite_file: Path, field: str) -> None:
+    if os.path.exists(p):
+        return
+    hint = ""
+    if "DETBENCH_DATA" not in os.environ and "$DETBENCH_DATA" in p:
+        hint = " (set DETBENCH_DATA to the folder holding your datasets)"
+    raise ConfigError(f"path does not exist: {p}{hint}", file=suite_file, field=field)
+
+
+def split_conditions(items: list, path: Path, base: Path, check_paths: bool) -> list:
+    """Validate ``conditions:``: corruption names/groups (expanded later) and real degraded sets."""
+    from harness.data.degrade import expand_conditions
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, dict) and "format" in item:
+            try:
+                real = RealCondition.model_validate(item)
+            except ValidationError as err:
+                raise format_validation_error(err, str(path), RealCondition, ("conditions", k)) from None
+            upd = {f: _resolve_path(getattr(real, f), base) for f in ("annotations", "xml", "images")
+                   if getattr(real, f)}
+            for f, p in upd.items():
+                if check_paths:
+                    _check_exists(p, path, f"conditions[{k}].{f}")
+            out.append(real.model_copy(update=upd).model_dump())
+        else:
+            try:
+                expand_conditions([item], field=f"conditions[{k}]")
+            except ConfigError as err:
+                raise ConfigError(err.message, file=path, field=err.field) from None
+            out.append(item)
+    return out
 
 
 def method_label(m: MethodSpec) -> str:

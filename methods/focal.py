@@ -18,7 +18,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
 from harness.method import Method, MethodConfig, StageContext
-from harness.models import build_detector
+from harness.models import build_detector, replace_classification_head
 
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -94,11 +94,8 @@ class FocalRetinaNet(Method):
 
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         model = build_detector(ctx.detector, ctx.num_classes, arch="retinanet")
-        old = model.head.classification_head
-        head = FocalClassificationHead(old.conv[0][0].in_channels, old.num_anchors, old.num_classes,
-                                       alpha=self.config.alpha, gamma=self.config.gamma)
-        model.head.classification_head = head
-        return model
+        return replace_classification_head(model, FocalClassificationHead, ctx.detector,
+                                           alpha=self.config.alpha, gamma=self.config.gamma)
 
     def search_space(self) -> dict:
         return {"gamma": {"uniform": [0.5, 3.0]}, "alpha": {"uniform": [0.1, 0.5]}}

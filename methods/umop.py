@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
 from harness.method import Method, MethodConfig, StageContext
-from harness.models import RETINANET_STRIDES, build_detector
+from harness.models import RETINANET_STRIDES, build_detector, replace_classification_head
 from methods.focal import classification_targets, focal_loss
 
 GammaStat = Literal["log_of_mean", "mean_of_log"]
@@ -244,12 +244,10 @@ class UMOP(Method):
 
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         model = build_detector(ctx.detector, ctx.num_classes, arch="retinanet")
-        old = model.head.classification_head
         c = self.config
-        model.head.classification_head = ProgressiveFocalHead(
-            old.conv[0][0].in_channels, old.num_anchors, old.num_classes, gamma=c.gamma, delta=c.delta, w=c.w,
-            level_norm=c.level_norm, gamma_stat=c.gamma_stat)
-        return model
+        return replace_classification_head(model, ProgressiveFocalHead, ctx.detector, gamma=c.gamma,
+                                           delta=c.delta, w=c.w, level_norm=c.level_norm,
+                                           gamma_stat=c.gamma_stat)
 
     def epoch_metrics(self, stage: str, model: nn.Module, ctx: StageContext) -> dict[str, float]:
         head = next((m for m in model.modules() if isinstance(m, ProgressiveFocalHead)), None)
