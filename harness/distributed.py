@@ -35,7 +35,8 @@ def _job(cfg: dict) -> StageJob:
     return StageJob(method=method, stage=stage, dataset=cfg["dataset"],
                     detector=method.stage_detector(stage, DetectorSpec(**cfg["detector"])), arch=cfg["arch"],
                     schedule=method.stage_schedule(stage, ScheduleSpec(**cfg["schedule"])), seed=cfg["seed"],
-                    artifacts={k: Path(v) for k, v in cfg["artifacts"].items()})
+                    artifacts={k: Path(v) for k, v in cfg["artifacts"].items()},
+                    conditions=cfg.get("conditions", []))
 
 
 def stage_artifact_key(cell: dict, stage: str) -> str:
@@ -102,7 +103,7 @@ def train_worker(cfg: dict) -> dict:
         return {"status": "failed", "reason": str(exc), "history": (state or StageState()).history,
                 "resumes": resumes, "node_id": _node_id()}
     return {"status": "ok", "history": state.history, "final": state.last_eval, "resumes": resumes,
-            "node_id": _node_id()}
+            "conditions": state.conditions, "node_id": _node_id()}
 
 
 def _node_id() -> str:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.data.coco import CocoDetection
+from harness.data.coco import CocoDetection, load_coco
 from harness.data.loader import eval_loader, load_split, train_loader
 from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
 from harness.method import Method, StageContext
@@ -77,9 +77,18 @@ def to_device(obj, device):
 
 
 @torch.no_grad()
-def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8,
-                      world_size: int = 1, rank: int = 0, transform=None) -> dict[str, float]:
-    """COCO AP of ``detector`` on ``index``; images sharded over ranks, detections gathered."""
+def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8, world_size: int = 1,
+                      rank: int = 0, transform=None, protocol: str = "coco",
+                      class_names: list[str] | None = None) -> dict[str, float]:
+    """AP of ``detector`` on ``index`` (COCO or VisDrone protocol); images sharded over ranks.
+
+    ``class_names`` (the training classes, label = index + 1) maps predictions to a test set
+    with its own categories by name; classes the test set lacks are not scored.
+    """
+    label_to_cat = index.label_to_cat_id
+    if class_names is not None:
+        by_name = {name: index.label_to_cat_id[i + 1] for i, name in enumerate(index.class_names)}
+        label_to_cat = {i + 1: by_name[n] for i, n in enumerate(class_names) if n in by_name}
     was_training = detector.training
     detector.eval()
     dets = []
@@ -87,14 +96,18 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
         if transform is not None:
             images = [transform(im) for im in images]
         outputs = detector([im.to(device) for im in images])
+        keep = [torch.isin(o["labels"].cpu(), torch.tensor(sorted(label_to_cat))) for o in outputs]
         dets += coco_detections_from_outputs([t["image_id"] for t in targets],
-                                             [{k: v.cpu() for k, v in o.items()} for o in outputs],
-                                             index.label_to_cat_id)
+                                             [{k: v.cpu()[m] for k, v in o.items()} for o, m in zip(outputs, keep)],
+                                             label_to_cat)
     if world_size > 1:
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, dets)
         dets = [d for part in gathered for d in part]
     detector.train(was_training)
+    if protocol == "visdrone":
+        from harness.evaluate.visdrone import evaluate_visdrone
+        return evaluate_visdrone(index.gt, dets)
     return evaluate_coco(index.gt_for_eval(), dets)
 
 
@@ -109,6 +122,7 @@ class StageJob:
     schedule: ScheduleSpec
     seed: int
     artifacts: dict = field(default_factory=dict)
+    conditions: list = field(default_factory=list)  # degraded test sets (harness.data.loader.prepare_conditions)
 
 
 @dataclass
@@ -117,6 +131,7 @@ class StageState:
     epoch: int = 0          # epochs completed
     history: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)  # label -> metrics, after the last epoch
 
 
 def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank: int = 0,
@@ -188,9 +203,17 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         record.update(job.method.epoch_metrics(job.stage, model, ctx))
         due = (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs
         if due and job.method.evaluates(job.stage):
-            state.last_eval = evaluate_detector(job.method.detector_of(model), val_index, device=device,
-                                                world_size=world_size, rank=rank)
+            detector = job.method.detector_of(model)
+            protocol = job.dataset.get("protocol", "coco")
+            state.last_eval = evaluate_detector(detector, val_index, device=device, world_size=world_size,
+                                                rank=rank, protocol=protocol)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
+            if epoch + 1 == s.epochs:  # degraded test sets: once, with the final model
+                for cond in job.conditions:
+                    index = load_coco(cond["annotations"], cond["images"], check_images=False)
+                    state.conditions[cond["label"]] = evaluate_detector(
+                        detector, index, device=device, world_size=world_size, rank=rank,
+                        protocol=cond["protocol"], class_names=train_index.class_names if cond["by_name"] else None)
         state.epoch = epoch + 1
         record["epoch"] = state.epoch
         state.history.append(record)

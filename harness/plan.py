@@ -18,7 +18,9 @@ from harness.registry import METHODS
 from harness.results import ResultRow
 
 
-def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]:
+def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset],
+               conditions: dict[str, list[dict]] | None = None) -> list[dict]:
+    """One cell per (method, dataset, seed); ``conditions``: degraded test sets per dataset."""
     cells = []
     for i, m in enumerate(suite.methods):
         method_cls = METHODS.get(m.name)
@@ -30,6 +32,8 @@ def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]
         method = method_cls(method_cls.validate_config(m.config))
         config = method.config.model_dump()
         for ds in suite.datasets:
+            if m.datasets is not None and ds.name not in m.datasets:
+                continue
             for seed in suite.seeds:
                 label = method_label(m)
                 cells.append({
@@ -41,12 +45,13 @@ def plan_cells(suite: Suite, prepared: dict[str, PreparedDataset]) -> list[dict]
                     "schedule": schedule_for(suite, m).model_dump(),
                     "dataset": prepared[ds.name].to_dict(), "seed": seed,
                     "search": m.search.model_dump() if m.search else None,
+                    "conditions": (conditions or {}).get(ds.name, []),
                 })
     return cells
 
 
 def config_hash(cell: dict) -> str:
-    keep = {k: v for k, v in cell.items() if k not in ("cell_id", "label", "search", "stages")}
+    keep = {k: v for k, v in cell.items() if k not in ("cell_id", "label", "search", "stages", "conditions")}
     keep["dataset"] = cell["dataset"]["name"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,10 +95,15 @@ def rows_for_trial(run: dict, cell: dict, trial_id: str, outputs: dict[str, dict
                 rows.append(ResultRow(**base, split=split, epoch=int(record["epoch"]), metric=key,
                                       value=v, status="ok"))
         if out["status"] == "ok":
-            for key, value in out.get("final", {}).items():
-                v = _number(value)
-                rows.append(ResultRow(**base, split="val", condition="clean", metric=key,
-                                      value=math.nan if v is None else v, status="ok"))
+            by_label = {c["label"]: c for c in cell.get("conditions", [])}
+            evals = [("clean", 0, out.get("final", {}))] + [
+                (by_label[lab]["name"], by_label[lab]["severity"], m)
+                for lab, m in out.get("conditions", {}).items() if lab in by_label]
+            for condition, severity, metrics in evals:
+                for key, value in metrics.items():
+                    v = _number(value)
+                    rows.append(ResultRow(**base, split="val", condition=condition, severity=severity,
+                                          metric=key, value=math.nan if v is None else v, status="ok"))
         else:
             rows.append(ResultRow.failure(out.get("reason") or "unknown failure", **base))
     return rows

@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from harness.config import data_cache_dir, load_suite, method_label
-from harness.data.loader import prepare_dataset
+from harness.data.loader import prepare_conditions, prepare_dataset
 from harness.plan import plan_cells, rows_for_trial
 from harness.results import ResultStore
 
@@ -97,7 +97,9 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     suite = load_suite(suite_path)
     cache = data_cache_dir(suite)
     prepared = {ds.name: prepare_dataset(ds, cache) for ds in suite.datasets}
-    cells = plan_cells(suite, prepared)
+    conditions = {name: prepare_conditions(suite.conditions, p, cache, seed=suite.condition_seed,
+                                           progress=progress) for name, p in prepared.items()}
+    cells = plan_cells(suite, prepared, conditions)
     init_ray(address)
     nodes = cluster_nodes()
     concurrency = check_fits(suite.resources, nodes)
@@ -134,6 +136,11 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     record_unfinished(grids, run, store)
     board = write_leaderboard(run_dir, "md")
     write_leaderboard(run_dir, "csv")
-    print(format_for_terminal(store.read(), baselines=manifest["baselines"]))
+    df = store.read()
+    print(format_for_terminal(df, baselines=manifest["baselines"]))
+    from harness.report import robustness_table, write_report
+    if robustness_table(df):
+        print("\n" + robustness_table(df))
+    write_report(run_dir, df)
     print(f"\nwall time {time.time() - t0:.0f} s")
     return board

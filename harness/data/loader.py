@@ -27,6 +27,7 @@ class PreparedDataset:
     train_images: str
     val_annotations: str
     val_images: str
+    protocol: str = "coco"  # evaluation protocol: coco | visdrone
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -35,15 +36,26 @@ class PreparedDataset:
 def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True) -> PreparedDataset:
     """Materialise (synthetic) or locate (COCO) a dataset and validate both splits."""
     if spec.format == "synthetic":
-        from harness.data.synthetic import write_synthetic_coco
+        from harness.data.synthetic import write_synthetic_coco, write_synthetic_visdrone
         syn = spec.synthetic
         key = hashlib.sha256(json.dumps(syn.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
         root = Path(cache_dir) / f"synthetic-{key}"
-        common = dict(image_size=syn.image_size, max_objects=syn.max_objects)
-        # Different seeds for the splits: validation images are never training images.
-        tr = write_synthetic_coco(root / "train", n_images=syn.train_images, seed=2 * syn.seed, **common)
-        va = write_synthetic_coco(root / "val", n_images=syn.val_images, seed=2 * syn.seed + 1, **common)
-        prepared = PreparedDataset(spec.name, str(tr), str(tr.parent), str(va), str(va.parent))
+        splits = {"train": (syn.train_images, 2 * syn.seed), "val": (syn.val_images, 2 * syn.seed + 1)}
+        paths = {}
+        for split, (n, seed) in splits.items():  # different seeds: val images are never train images
+            if syn.kind == "visdrone":
+                folder = write_synthetic_visdrone(root / split, n_images=n, seed=seed, image_size=syn.image_size,
+                                                  max_objects=syn.max_objects)
+                paths[split] = (str(_visdrone_json(folder, cache_dir)), str(folder))
+            else:
+                ann = write_synthetic_coco(root / split, n_images=n, seed=seed, image_size=syn.image_size,
+                                           max_objects=syn.max_objects)
+                paths[split] = (str(ann), str(ann.parent))
+        prepared = PreparedDataset(spec.name, *paths["train"], *paths["val"], protocol=syn.kind)
+    elif spec.format == "visdrone":
+        tr, va = spec.train.root, spec.val.root
+        prepared = PreparedDataset(spec.name, str(_visdrone_json(tr, cache_dir)), tr,
+                                   str(_visdrone_json(va, cache_dir)), va, protocol="visdrone")
     else:
         prepared = PreparedDataset(spec.name, spec.train.annotations, spec.train.images,
                                    spec.val.annotations, spec.val.images)
@@ -54,6 +66,17 @@ def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True) -
             raise DataError(f"train and val have different categories ({train.class_names} vs "
                             f"{val.class_names})", file=prepared.val_annotations, field="categories")
     return prepared
+
+
+def _visdrone_json(folder, cache_dir) -> Path:
+    """The COCO conversion of a VisDrone-DET folder, made once per folder content."""
+    from harness.data.visdrone import convert_visdrone
+    folder = Path(folder)
+    ann = sorted((folder / "annotations").glob("*.txt"))
+    sig = hashlib.sha256(json.dumps([str(folder.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                                              for p in ann]).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / "visdrone-coco" / f"{folder.name}-{sig}.json"
+    return out if out.is_file() else convert_visdrone(folder, out)
 
 
 def load_split(prepared: PreparedDataset | dict, split: str, *, check_images: bool = True) -> CocoIndex:
@@ -75,3 +98,39 @@ def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank:
     """Every image exactly once over all ranks (strided shards, no padding duplicates)."""
     dataset = torch.utils.data.Subset(CocoDetection(index), range(rank, len(index), world_size))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+
+
+def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, *, seed: int = 0,
+                       progress: bool = False) -> list[dict]:
+    """Test conditions of one dataset other than clean, ready for the workers.
+
+    Corruptions are rendered once per (image, corruption, severity) into the
+    cache (reused by every trial and worker); real degraded sets are validated
+    and, for VOC XML, converted to COCO once. Each entry: ``label, name,
+    severity, annotations, images, protocol, by_name`` (``by_name``: the set has
+    its own category ids, matched to the training classes by name).
+    """
+    from harness.data.degrade import expand_conditions, render_condition
+    out = []
+    val = None
+    corruptions = [c for c in items if not (isinstance(c, dict) and "format" in c)]
+    for cond in expand_conditions(corruptions):
+        if cond.is_clean:
+            continue
+        val = val or load_split(prepared, "val", check_images=False)
+        root = render_condition(val, cond, Path(cache_dir) / "conditions", suite_seed=seed, progress=progress)
+        out.append({"label": cond.label, "name": cond.name, "severity": cond.severity,
+                    "annotations": prepared.val_annotations, "images": str(root),
+                    "protocol": prepared.protocol, "by_name": False})
+    for real in (c for c in items if isinstance(c, dict) and "format" in c):
+        if real.get("dataset") not in (None, prepared.name):
+            continue
+        ann = real.get("annotations")
+        if real["format"] == "voc":
+            from harness.data.voc import write_voc_as_coco
+            key = hashlib.sha256(f"{real['xml']}|{real['images']}".encode()).hexdigest()[:12]
+            ann = str(write_voc_as_coco(real["xml"], real["images"], Path(cache_dir) / "voc" / f"{key}.json"))
+        load_coco(ann, real["images"])  # validated now, not inside a worker
+        out.append({"label": real["name"], "name": real["name"], "severity": 0, "annotations": ann,
+                    "images": real["images"], "protocol": "coco", "by_name": True})
+    return out

@@ -1,0 +1,81 @@
+"""Extra outputs of a run beside the leaderboard: robustness table and plots.
+
+* ``robustness.md``: P (clean AP), mPC, rPC and per-family means per method and
+  dataset, when the run evaluated corruptions (COCO-C protocol).
+* ``plots/ap_vs_severity_*.png``: AP against severity per corruption family.
+* ``plots/curve_*.png``: per-epoch curves of method-specific statistics that
+  move during training (e.g. UMOP's gamma_ad / alpha_ad per FPN level).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
+
+#: Per-epoch metrics worth a plot: prefix -> title.
+CURVES = {"umop/gamma_ad/": "UMOP gamma_ad per level", "umop/alpha_ad/": "UMOP alpha_ad per level",
+          "train/eansdl": "FCTL EANSDL", "train/byol": "SoCo pretraining loss"}
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:.1f}"
+
+
+def robustness_table(df: pd.DataFrame) -> str:
+    """Markdown P / mPC / rPC table, or '' when only clean was evaluated."""
+    if not (df["condition"] != "clean").any():
+        return ""
+    rob = robustness_metrics(df)
+    if rob.empty:
+        return ""
+    fams = [c for c in rob.columns if c.startswith("mPC_") and c != "mPC_all" and rob[c].notna().any()]
+    head = ["method", "dataset", "P", "mPC", "rPC %"] + [f.replace("mPC_", "") for f in fams]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in rob.iterrows():
+        rpc = "—" if pd.isna(r["rPC"]) else f"{r['rPC'] * 100:.1f}"
+        name = r["method"] + (f" ({r['stage']})" if "stage" in rob.columns and r.get("stage") else "")
+        lines.append("| " + " | ".join([name, r["dataset"], _fmt(r["P"]), _fmt(r["mPC"]), rpc]
+                                       + [_fmt(r[f]) for f in fams]) + " |")
+    note = ("\nmPC averages the COCO-C benchmark corruptions that ran "
+            "(AP in %, mean over seeds first); per-family columns include all corruptions run.\n")
+    return "## Robustness (P / mPC / rPC)\n\n" + "\n".join(lines) + "\n" + note
+
+
+def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    paths = []
+    curves = df[df["epoch"].notna() & (df["status"] == "ok")]
+    for prefix, title in CURVES.items():
+        sel = curves[curves["metric"].str.startswith(prefix)]
+        if sel.empty:
+            continue
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for (method, variant, metric), g in sel.groupby(["method", "variant", "metric"]):
+            mean = g.groupby("epoch")["value"].mean()
+            ax.plot(mean.index.astype(int), mean.values, marker="o",
+                    label=f"{method}{f'[{variant}]' if variant else ''} {metric[len(prefix):] or metric}")
+        ax.set(xlabel="epoch", title=title + " (mean over seeds)")
+        ax.legend(fontsize=7)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"curve_{prefix.strip('/').replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
+
+
+def write_report(run_dir: Path, df: pd.DataFrame) -> list[Path]:
+    """Write robustness.md and the plots; return the written paths."""
+    written = []
+    table = robustness_table(df)
+    if table:
+        (run_dir / "robustness.md").write_text(table)
+        written.append(run_dir / "robustness.md")
+        written += plot_ap_vs_severity(df, run_dir / "plots")
+    written += plot_curves(df, run_dir / "plots")
+    return written
