@@ -52,6 +52,29 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from harness.data.visdrone import convert_visdrone
+    path = convert_visdrone(args.src, args.out)
+    print(f"wrote {path} (load with images root {args.src})")
+    return 0
+
+
+def cmd_artifacts(args) -> int:
+    from harness.artifacts import ArtifactStore
+    root = Path(args.run_dir) / "artifacts"
+    if not root.is_dir():
+        raise DetbenchError("no artifacts folder in this run directory", file=args.run_dir)
+    store = ArtifactStore(root)
+    if args.action == "gc":
+        removed = store.gc()
+        print(f"removed {len(removed)} temporary/corrupt entr{'y' if len(removed) == 1 else 'ies'}")
+        return 0
+    for entry in store.list():
+        print(f"{entry['key']}  {entry.get('method', '')}/{entry.get('stage', '')}  "
+              f"dataset={entry.get('dataset', '')} seed={entry.get('seed', '')}  {entry['size_mb']:.1f} MB")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from harness.registry import METHODS
     for name in METHODS.names():
@@ -96,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("annotations")
     c.add_argument("--images", required=True, help="image root folder")
     c.set_defaults(func=cmd_data_check)
+
+    v = d.add_parser("convert", help="convert a dataset to COCO instances JSON")
+    v.add_argument("format", choices=("visdrone",))
+    v.add_argument("src", help="VisDrone-DET folder (images/, annotations/)")
+    v.add_argument("out", help="output JSON")
+    v.set_defaults(func=cmd_data_convert)
+
+    a = sub.add_parser("artifacts", help="list or clean a run's stage artifacts (teachers, ideal models, ...)")
+    a.add_argument("action", choices=("ls", "gc"))
+    a.add_argument("run_dir")
+    a.set_defaults(func=cmd_artifacts)
 
     m = sub.add_parser("methods", help="list method plugins with their config fields and defaults")
     m.set_defaults(func=cmd_methods)

@@ -34,9 +34,10 @@ def robustness_table(df: pd.DataFrame) -> str:
     fams = [c for c in rob.columns if c.startswith("mPC_") and c != "mPC_all" and rob[c].notna().any()]
     head = ["method", "dataset", "P", "mPC", "rPC %"] + [f.replace("mPC_", "") for f in fams]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in rob.iterrows():
+    multi = rob.groupby("method")["stage"].transform("nunique") > 1 if "stage" in rob.columns else None
+    for i, r in rob.iterrows():
         rpc = "—" if pd.isna(r["rPC"]) else f"{r['rPC'] * 100:.1f}"
-        name = r["method"] + (f" ({r['stage']})" if "stage" in rob.columns and r.get("stage") else "")
+        name = r["method"] + (f" ({r['stage']})" if multi is not None and multi[i] else "")
         lines.append("| " + " | ".join([name, r["dataset"], _fmt(r["P"]), _fmt(r["mPC"]), rpc]
                                        + [_fmt(r[f]) for f in fams]) + " |")
     note = ("\nmPC averages the COCO-C benchmark corruptions that ran "

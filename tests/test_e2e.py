@@ -26,6 +26,7 @@ methods:
     schedule: {{lr: 1.0e+9, grad_clip: null, warmup_iters: 0}}
 seeds: [0]
 schedule: {{epochs: 1, batch_size: 4, warmup_iters: 2}}
+conditions: [clean, {{corruption: gaussian_noise, severity: 2}}]
 resources: {{workers_per_trial: 1, cpus_per_worker: 0.99}}
 """
 
@@ -45,7 +46,7 @@ def test_rows_schema_and_content(micro_run):
     validate_frame(df)
     assert df["row_id"].is_unique
     assert len(ResultStore(run_dir).trial_ids()) == 3
-    final = df[df["epoch"].isna() & (df["status"] == "ok")]
+    final = df[df["epoch"].isna() & (df["status"] == "ok") & (df["condition"] == "clean")]
     for method in ("faster_rcnn", "focal"):
         got = final[final["method"] == method].set_index("metric")["value"]
         assert {"AP", "AP50", "AP75"} <= set(got.index)
@@ -72,6 +73,16 @@ def test_leaderboard_written(micro_run):
     assert (run_dir / "leaderboard.csv").exists()
     html = render_leaderboard(ResultStore(run_dir).read(), "html")
     assert "<table" in html
+
+
+def test_corruption_condition_rows_and_robustness(micro_run):
+    run_dir, board = micro_run
+    df = ResultStore(run_dir).read()
+    noisy = df[(df["condition"] == "gaussian_noise") & df["epoch"].isna()]
+    assert set(noisy["method"]) == {"faster_rcnn", "focal"} and (noisy["severity"] == 2).all()
+    assert {"AP", "AP50"} <= set(noisy["metric"])
+    assert "tiny/gaussian_noise@2/AP" in board.read_text()
+    assert "mPC" in (run_dir / "robustness.md").read_text()
 
 
 def test_manifest(micro_run):
