@@ -110,3 +110,10 @@ def test_cli_bad_suite_exits_2_and_leaves_no_run_dir(tmp_path, capsys):
     assert main(["run", str(p), "--out", str(out)]) == 2
     assert "did you mean 'seeds'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_smoke_suite_exercises_every_registered_method():
+    from harness.registry import METHODS
+    from tests.conftest import ROOT
+    suite = load_suite(ROOT / "suites" / "smoke.yaml", check_paths=False)
+    assert {m.name for m in suite.methods} == set(METHODS.names())
