@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from harness.fileio import sha256_file
+
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 
@@ -36,14 +38,6 @@ MANIFEST = "MANIFEST.json"
 def artifact_key(spec: dict) -> str:
     """Stable key of a JSON-able description of everything that determines an output."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ArtifactStore:
@@ -63,7 +57,7 @@ class ArtifactStore:
         try:
             meta = json.loads(manifest.read_text())
             bad = [name for name, digest in meta["files"].items()
-                   if not (folder / name).is_file() or _sha256(folder / name) != digest]
+                   if not (folder / name).is_file() or sha256_file(folder / name) != digest]
         except (OSError, ValueError, KeyError) as exc:
             bad = [f"{MANIFEST} ({exc})"]
         if bad:
@@ -85,7 +79,7 @@ class ArtifactStore:
             digests = {}
             for name, src in files.items():
                 shutil.copyfile(src, tmp / name)
-                digests[name] = _sha256(tmp / name)
+                digests[name] = sha256_file(tmp / name)
             (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": digests, "meta": meta,
                                                     "created": time.time()}, default=str))
             folder = self.path(key)

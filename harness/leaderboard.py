@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness.fileio import atomic_write
 from harness.results import ResultStore
 
 SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to published numbers"
@@ -225,16 +224,5 @@ def write_leaderboard(run_dir: str | Path, fmt: str = "md", *, metrics=("AP", "A
     df = ResultStore(run_dir).read()
     text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics,
                               baselines=run_baselines(run_dir))
-    path = run_dir / f"leaderboard.{FORMATS[fmt]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".leaderboard.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    path = atomic_write(run_dir / f"leaderboard.{FORMATS[fmt]}", text)
     return path

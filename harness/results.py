@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
+from harness.fileio import atomic_write
 from harness.errors import DataError
 
 IDENTITY_COLUMNS = ("run_id", "trial_id", "method", "variant", "stage", "dataset", "split",
@@ -189,17 +189,9 @@ class ResultStore:
                                  f"seed {r.seed}, epoch {r.epoch})")
             seen.add(r.row_id)
         table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=SCHEMA)
-        self.rows_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.rows_dir / f"{trial_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write(path, buf.getvalue().to_pybytes())
         _fsync_dir(self.rows_dir)
         return path
 

@@ -2,8 +2,6 @@
 one full student step (Faster R-CNN, RetinaNet), teacher loading, config and the ablation suite."""
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
 from pathlib import Path
 

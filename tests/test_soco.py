@@ -15,7 +15,7 @@ from harness.errors import ConfigError
 from harness.method import StageContext
 from methods.soco import (SoCo, SoCoConfig, SoCoPretrainModel, assign_fpn_level, byol_loss, filter_proposals,
                           momentum)
-from methods.soco_data import ProposalStore, SoCoViews, ViewBuilder, stack_views
+from methods.soco_data import ProposalStore, SoCoViews, ViewBuilder
 
 TINY = DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64)
 SMALL = dict(view_size=64, small_view_size=32, proj_hidden=64, proj_dim=32, pred_hidden=64)

@@ -49,10 +49,8 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
@@ -61,6 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness.fileio import TMP_SUFFIX, atomic_write, sha256_file
 from harness.errors import ConfigError, DataError
 
 DEGRADE_VERSION = 1  # bump when any corruption's output or the cache layout changes
@@ -457,7 +456,7 @@ def corruption_params(name: str, severity: int) -> dict:
 # --------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 JOURNAL = ".journal.jsonl"
-_TMP_SUFFIX = ".tmp"
+_TMP_SUFFIX = TMP_SUFFIX
 _STALE_TMP_S = 600.0
 PNG_COMPRESS_LEVEL = 3
 _KEY_MEMO: dict[tuple, str] = {}
@@ -501,14 +500,6 @@ def _render_params(condition: Condition, suite_seed: int) -> dict:
                                                                            condition.severity)}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -538,18 +529,6 @@ def _read_journal(path: Path, params: dict) -> dict:
     return recs
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _load_uint8(data: bytes) -> np.ndarray:
     from harness.data.coco import load_rgb
     x = load_rgb(io.BytesIO(data))  # same conversions (alpha, 16-bit, ...) as training
@@ -571,7 +550,7 @@ def _render_one(src: str, dst: str, name: str, severity: int, seed: int,
     Image.fromarray(out).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     png = buf.getvalue()
     dst_p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(dst_p, png)
+    atomic_write(dst_p, png, fsync=False)
     return {"sha256": hashlib.sha256(png).hexdigest(), "size": len(png),
             "src_sha256": hashlib.sha256(data).hexdigest(), "src_size": st.st_size,
             "src_mtime_ns": st.st_mtime_ns}
@@ -607,7 +586,7 @@ def _record_ok(rec: dict | None, dst: Path, src: Path, verify: bool) -> bool:
     try:
         if dst.stat().st_size != rec.get("size"):
             return False
-        if verify and _sha256_file(dst) != rec.get("sha256"):
+        if verify and sha256_file(dst) != rec.get("sha256"):
             return False
         st = src.stat()
     except OSError:
@@ -615,7 +594,7 @@ def _record_ok(rec: dict | None, dst: Path, src: Path, verify: bool) -> bool:
     if (st.st_size, st.st_mtime_ns) == (rec.get("src_size"), rec.get("src_mtime_ns")):
         return True
     # Touched or copied source: compare content; keep the render if unchanged.
-    if st.st_size == rec.get("src_size") and _sha256_file(src) == rec.get("src_sha256"):
+    if st.st_size == rec.get("src_size") and sha256_file(src) == rec.get("src_sha256"):
         rec["src_mtime_ns"] = st.st_mtime_ns
         return True
     return False
@@ -696,7 +675,7 @@ def _render_locked(index, condition, root: Path, params: dict, *, suite_seed, pr
         # fresh journal holding what is already known to be good
         lines = [json.dumps({"params": params})] + [json.dumps({"file": f, **r})
                                                    for f, r in files.items()]
-        _atomic_write_bytes(journal, ("\n".join(lines) + "\n").encode())
+        atomic_write(journal, ("\n".join(lines) + "\n").encode())
 
     bar = None
     if progress:
@@ -724,7 +703,7 @@ def _render_locked(index, condition, root: Path, params: dict, *, suite_seed, pr
                                                   "scikit-image", "scipy", "pillow",
                                                   "opencv-contrib-python-headless")},
            "files": {f: files[f] for f in sorted(files)}}
-    _atomic_write_bytes(root / MANIFEST, json.dumps(doc, indent=1).encode())
+    atomic_write(root / MANIFEST, json.dumps(doc, indent=1).encode())
     journal.unlink(missing_ok=True)
     return root
 

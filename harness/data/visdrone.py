@@ -52,14 +52,12 @@ must not be scored as if the missing objects were absent).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from harness.fileio import atomic_write_json
 from harness.errors import DataError
 
 CATEGORIES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
@@ -220,23 +218,6 @@ def visdrone_to_coco(src) -> dict:
             "licenses": [], "images": out_images, "annotations": out_anns,
             "categories": [{"id": cid, "name": n, "supercategory": "visdrone"}
                            for cid, n in zip(SCORED_IDS, CATEGORIES)]}
-
-
-def atomic_write_json(data, out_json) -> Path:
-    """Write JSON to a temp file next to ``out_json``, then ``os.replace`` it."""
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_json.name}.", suffix=".tmp",
-                               dir=out_json.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, out_json)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_json
 
 
 def convert_visdrone(src, out_json) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.data.visdrone import atomic_write_json
+from harness.fileio import atomic_write_json
 from harness.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
