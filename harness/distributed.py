@@ -59,6 +59,7 @@ def train_worker(cfg: dict) -> dict:
     """Ray Train worker loop for one stage; rank 0's return value goes back to the trial."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -80,16 +81,20 @@ def train_worker(cfg: dict) -> dict:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(stage=job.stage, epoch=st.epoch, resumes=resumes,
                        **{k: v for k, v in st.last_eval.items()})  # AP, AP50, ... for Tune/ASHA
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                           Path(tmp) / "train_state.pt")
-                torch.save(job.method.detector_of(model).state_dict(), Path(tmp) / "detector.pt")
-                (Path(tmp) / "state.json").write_text(json.dumps(
-                    {"state": st.__dict__, "resumes": resumes}, default=float))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        ckpt = None
+        if rank == 0:
+            # Uploaded in the background while the next epoch trains; the detector weights
+            # (the stage's output) only after the last epoch.
+            tmp = Path(tempfile.mkdtemp(prefix="detbench-ckpt-"))
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                       tmp / "train_state.pt")
+            if st.epoch == job.schedule.epochs:
+                torch.save(job.method.detector_of(model).state_dict(), tmp / "detector.pt")
+            (tmp / "state.json").write_text(json.dumps({"state": st.__dict__, "resumes": resumes},
+                                                       default=float))
+            ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
 
     wrap = None
     if world > 1:
