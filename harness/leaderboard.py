@@ -98,7 +98,9 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
         order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
                                                 -np.nan_to_num(first[lab]), lab))
         mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
-    for lab, ref in (baselines or {}).items():  # gain over the method's baseline row
+    pairs = [(lab, (baselines or {}).get(lab) or (baselines or {}).get(lab.split(" (")[0]))
+             for lab in mean.index]  # "defeat (student)" compares with defeat's baseline too
+    for lab, ref in ((lab, ref) for lab, ref in pairs if ref):  # gain over the method's baseline row
         for d, c, m in [col for col in cols if col[2] == metrics[0]]:
             if lab in mean.index and ref in mean.index:
                 a, b = mean.loc[lab, (d, c, m)], mean.loc[ref, (d, c, m)]

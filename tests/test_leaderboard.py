@@ -163,3 +163,11 @@ def test_gain_over_baseline_column():
     assert board.loc["umop", col] == "+4.0 (+13.3%) vs focal"
     assert board.loc["focal", col] == ""
     assert "ΔAP vs baseline/d/clean" in render_leaderboard(board, "md")
+
+
+def test_baseline_applies_to_every_stage_row_of_a_method():
+    import pandas as pd
+    rows = [_final_row("defeat", 0, 0.40, stage="teacher"), _final_row("defeat", 0, 0.33, stage="student"),
+            _final_row("faster_rcnn", 0, 0.30)]
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), baselines={"defeat": "faster_rcnn"})
+    assert board.loc["defeat (student)", ("ΔAP vs baseline", "d/clean", "")] == "+3.0 (+10.0%) vs faster_rcnn"
