@@ -134,11 +134,16 @@ def write_synthetic_coco(out_dir, *, n_images: int, seed: int, image_size: int =
     out_dir = Path(out_dir)
     params = {"version": FORMAT_VERSION, "n_images": n_images, "seed": seed,
               "image_size": image_size, "max_objects": max_objects, "classes": list(classes)}
-    ann_path = out_dir / "annotations.json"
+    _materialise(out_dir, params, _is_complete, lambda tmp: _write(tmp, params, classes))
+    return out_dir / "annotations.json"
+
+
+def _materialise(out_dir: Path, params: dict, is_complete, write) -> None:
+    """Reuse a complete dataset of the same parameters, else build it in a temp folder and install it."""
     if out_dir.exists():
-        state = _is_complete(out_dir, params)
+        state = is_complete(out_dir, params)
         if state:
-            return ann_path
+            return
         if state is None and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise DataError("exists and is not a detbench synthetic dataset; "
                             "refusing to overwrite it", file=out_dir)
@@ -146,11 +151,10 @@ def write_synthetic_coco(out_dir, *, n_images: int, seed: int, image_size: int =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _write(tmp, params, classes)
-        _install(tmp, out_dir, params)
+        write(tmp)
+        _install(tmp, out_dir, params, is_complete=is_complete)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ann_path
 
 
 def _write(root: Path, params: dict, classes) -> None:
@@ -327,21 +331,7 @@ def write_synthetic_visdrone(out_dir, *, n_images: int, seed: int,
     params = {"version": VISDRONE_FORMAT_VERSION, "n_images": n_images, "seed": seed,
               "width": width, "height": height, "min_objects": min_objects,
               "max_objects": max_objects}
-    if out_dir.exists():
-        state = _visdrone_complete(out_dir, params)
-        if state:
-            return out_dir
-        if state is None and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise DataError("exists and is not a detbench synthetic dataset; "
-                            "refusing to overwrite it", file=out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _write_visdrone(tmp, params)
-        _install(tmp, out_dir, params, is_complete=_visdrone_complete)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _materialise(out_dir, params, _visdrone_complete, lambda tmp: _write_visdrone(tmp, params))
     return out_dir
 
 
