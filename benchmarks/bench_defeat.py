@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from benchmarks.common import random_detection_batch
+
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import StageContext
 from methods.defeat import DeFeat
@@ -28,19 +30,6 @@ VARIANTS = ("defeat", "faster_rcnn")
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _batch(device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(BATCH)]
-    targets = []
-    for _ in range(BATCH):
-        n = int(torch.randint(1, 5, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * SIZE * 0.7
-        wh = 8 + torch.rand(n, 2, generator=g) * SIZE * 0.3
-        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=SIZE)], 1).to(device),
-                        "labels": torch.randint(1, CLASSES + 1, (n,), generator=g).to(device)})
-    return [im.to(device) for im in images], targets
 
 
 def _ctx(device) -> StageContext:
@@ -96,7 +85,7 @@ def measure_memory(variant: str) -> dict:
     torch.set_num_threads(1)
     device = _device()
     ctx = _ctx(device)
-    images, targets = _batch(device)
+    images, targets = random_detection_batch(BATCH, SIZE, CLASSES, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -121,7 +110,7 @@ def main() -> None:
     device = _device()
     ctx = _ctx(device)
     runs = {v: _build(v, ctx) for v in VARIANTS}
-    images, targets = _batch(device)
+    images, targets = random_detection_batch(BATCH, SIZE, CLASSES, device=device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(WARMUP + STEPS):
         order = VARIANTS if i % 2 == 0 else tuple(reversed(VARIANTS))

@@ -10,25 +10,14 @@ import time
 
 import torch
 
+from benchmarks.common import random_detection_batch
+
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import StageContext
 from methods.focal import FocalRetinaNet
 from methods.umop import UMOP
 
 BATCH, SIZE, CLASSES, WARMUP, STEPS = 8, 128, 10, 2, 15
-
-
-def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(BATCH)]
-    targets = []
-    for _ in range(BATCH):
-        n = int(torch.randint(1, 5, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * SIZE * 0.7
-        wh = 8 + torch.rand(n, 2, generator=g) * SIZE * 0.3
-        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=SIZE)], 1),
-                        "labels": torch.randint(1, CLASSES + 1, (n,), generator=g)})
-    return images, targets
 
 
 def _step(method, model, images, targets, ctx) -> float:
@@ -50,7 +39,7 @@ def main() -> None:
         torch.manual_seed(0)  # same weights for both
         method = cls()
         runs[cls.name] = (method, method.build_model("train", ctx).train())
-    images, targets = _batch()
+    images, targets = random_detection_batch(BATCH, SIZE, CLASSES)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(WARMUP + STEPS):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # interleaved, alternating order
