@@ -92,6 +92,21 @@ def _summarize(precision: np.ndarray, params, max_dets: int) -> dict[str, float]
     return out
 
 
+def _coco_pair(COCO, data: dict, dets: list[dict]):
+    """GT and result COCO objects for ``data`` and ``dets`` (an empty result set where there are none)."""
+    coco_gt = COCO()
+    coco_gt.dataset = data
+    coco_gt.createIndex()
+    if dets:
+        return coco_gt, coco_gt.loadRes(dets)
+    # pycocotools.loadRes crashes on [] -- build the empty result set.
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(data["images"]), "annotations": [],
+                       "categories": copy.deepcopy(data["categories"])}
+    coco_dt.createIndex()
+    return coco_gt, coco_dt
+
+
 def evaluate_coco(gt: Mapping[str, Any] | str | Path,
                   detections: Sequence[Mapping[str, Any]], *,
                   backend: str = "faster_coco_eval",
@@ -122,17 +137,7 @@ def evaluate_coco(gt: Mapping[str, Any] | str | Path,
     data = _load_gt(gt)
     dets = _check_detections(detections, {img["id"] for img in data["images"]})
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = data
-        coco_gt.createIndex()
-        if dets:
-            coco_dt = coco_gt.loadRes(dets)
-        else:
-            # pycocotools.loadRes crashes on [] -- build the empty result set.
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": list(data["images"]), "annotations": [],
-                               "categories": copy.deepcopy(data["categories"])}
-            coco_dt.createIndex()
+        coco_gt, coco_dt = _coco_pair(COCO, data, dets)
         ev = COCOeval(coco_gt, coco_dt, "bbox", **kwargs)
         ev.params.maxDets = sorted({1, 10, int(max_dets)})
         if not ev.params.catIds or not ev.params.imgIds:

@@ -31,7 +31,6 @@ tests coverage on a rounded integer pixel grid where we use exact geometry.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from harness.data.visdrone import visdrone_to_coco
-from harness.evaluate.coco import (METRIC_KEYS, _check_detections, _coco_api, _load_gt,
+from harness.evaluate.coco import (METRIC_KEYS, _check_detections, _coco_api, _coco_pair, _load_gt,
                                    _summarize)
 
 IGNORE_COVERAGE = 0.5
@@ -159,16 +158,7 @@ def evaluate_visdrone(gt: Mapping[str, Any] | str | Path,
     dets = _check_detections(detections, {img["id"] for img in data["images"]})
     data, dets = apply_visdrone_protocol(data, dets, max_dets)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = data
-        coco_gt.createIndex()
-        if dets:
-            coco_dt = coco_gt.loadRes(dets)
-        else:  # pycocotools.loadRes crashes on []
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": list(data["images"]), "annotations": [],
-                               "categories": copy.deepcopy(data["categories"])}
-            coco_dt.createIndex()
+        coco_gt, coco_dt = _coco_pair(COCO, data, dets)
         ev = COCOeval(coco_gt, coco_dt, "bbox", **kwargs)
         ev.params.maxDets = sorted({1, 10, 100, max_dets})
         if not ev.params.catIds or not ev.params.imgIds:
