@@ -9,16 +9,19 @@ from harness.leaderboard import render_leaderboard
 from harness.results import ResultStore, validate_frame
 from harness.runner import run_suite
 
-SUITE = """
-name: micro
-smoke: true
+TINY_DATA = """
 datasets:
   - name: tiny
     format: coco
     train: {{annotations: {train_annotations}, images: {train_images}}}
     val: {{annotations: {val_annotations}, images: {val_images}}}
 detector: {{fpn_width: 16, image_size: 64}}
-methods:
+"""
+
+SUITE = """
+name: micro
+smoke: true
+""" + TINY_DATA + """methods:
   - name: faster_rcnn
   - name: focal
   - name: faster_rcnn
@@ -102,13 +105,7 @@ def test_checkpoint_per_epoch_named_by_trial(micro_run):
 ASHA_SUITE = """
 name: asha
 smoke: true
-datasets:
-  - name: tiny
-    format: coco
-    train: {{annotations: {train_annotations}, images: {train_images}}}
-    val: {{annotations: {val_annotations}, images: {val_images}}}
-detector: {{fpn_width: 16, image_size: 64}}
-methods:
+""" + TINY_DATA + """methods:
   - name: faster_rcnn
     search:
       space: {{schedule.lr: {{loguniform: [0.0001, 0.05]}}}}
