@@ -110,6 +110,23 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
     return model
 
 
+def detection_losses(detector: nn.Module, images, features, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """torchvision's own training losses of ``detector`` from FPN ``features`` already computed.
+
+    For methods that add a feature-level term (DeFeat, FCTL): the backbone runs once
+    per step and both the detection loss and the extra term see the same features.
+    ``images`` / ``targets`` are the outputs of ``detector.transform``.
+    """
+    if isinstance(detector, FasterRCNN):
+        proposals, rpn_losses = detector.rpn(images, features, targets)
+        _, roi_losses = detector.roi_heads(features, proposals, images.image_sizes, targets)
+        return {**roi_losses, **rpn_losses}
+    feats = list(features.values())
+    head_outputs = detector.head(feats)
+    anchors = detector.anchor_generator(images, feats)
+    return detector.compute_loss(targets, head_outputs, anchors)
+
+
 def retinanet_head_norm(spec: DetectorSpec):
     return partial(nn.GroupNorm, math.gcd(32, spec.fpn_width))
 

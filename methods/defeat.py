@@ -82,7 +82,8 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from harness.config import BACKBONES, DetectorSpec
 from harness.errors import ConfigError
 from harness.method import Method, MethodConfig, StageContext
-from harness.models import FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector, load_state
+from harness.models import (FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector, detection_losses,
+                            load_state)
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +275,7 @@ class DeFeatStudent(nn.Module):
         det, teacher = self.detector, self.teacher
         img_s, tgt_s = det.transform(images, targets)
         feats_s = det.backbone(img_s.tensors)
-        losses: dict[str, Tensor] = {}
-        if self.two_stage:
-            proposals, rpn_losses = det.rpn(img_s, feats_s, tgt_s)
-            _, roi_losses = det.roi_heads(feats_s, proposals, img_s.image_sizes, tgt_s)
-            losses.update(roi_losses)
-            losses.update(rpn_losses)
-        else:
-            feat_list = list(feats_s.values())
-            head_outputs = det.head(feat_list)
-            anchors = det.anchor_generator(img_s, feat_list)
-            losses.update(det.compute_loss(tgt_s, head_outputs, anchors))
+        losses = detection_losses(det, img_s, feats_s, tgt_s)
 
         with torch.no_grad():
             img_t, tgt_t = teacher.transform(images, targets)
