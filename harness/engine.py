@@ -151,7 +151,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
     ctx = StageContext(stage=job.stage, detector=job.detector, arch=job.arch, schedule=s,
                        num_classes=len(train_index.class_names), class_names=train_index.class_names,
                        device=device, seed=job.seed, world_size=world_size, rank=rank,
-                       artifacts=dict(job.artifacts))
+                       artifacts=dict(job.artifacts), conditions=list(job.conditions))
     model = job.method.build_model(job.stage, ctx).to(device)
     optimizer = build_optimizer(model, s)
     state = state or StageState()
@@ -168,6 +168,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
     for epoch in range(state.epoch, s.epochs):
         ctx.epoch = epoch
         loader.sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
         trained.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()

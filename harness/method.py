@@ -60,6 +60,7 @@ class StageContext:
     step_in_epoch: int = 0
     steps_per_epoch: int = 1
     artifacts: dict[str, Path] = field(default_factory=dict)  # earlier stage -> weights file
+    conditions: list[dict] = field(default_factory=list)      # the dataset's degraded test sets
 
     @property
     def progress(self) -> float:
@@ -128,6 +129,9 @@ class Method:
 
     def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
         """What a stage trains on; default the detection dataset of (image, target) pairs.
+
+        A dataset with ``set_epoch(epoch)`` (e.g. :class:`~harness.data.degrade.DegradedTwins`)
+        is told the epoch before each one, like the distributed sampler.
 
         Samples must stay pairs ``(inputs, targets)``: the loader collates them into two
         lists, moves every tensor inside to the device and hands them to ``training_losses``.

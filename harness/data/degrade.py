@@ -738,6 +738,26 @@ def _remove_stale_tmp(root: Path) -> None:
 # --------------------------------------------------------------------------
 # FCTL twins
 # --------------------------------------------------------------------------
+def twin_conditions(conditions, *, field: str = "conditions") -> list[Condition]:
+    """Expanded, de-duplicated conditions usable for clean/degraded twins (same geometry).
+
+    Corruptions that move pixels raise :class:`ConfigError` naming ``field``.
+    """
+    conds = conditions if all(isinstance(c, Condition) for c in conditions) \
+        else expand_conditions(conditions, field=field)
+    conds = list(dict.fromkeys(conds))
+    if not conds:
+        raise ConfigError("needs at least one condition", field=field)
+    for c in conds:
+        if not c.is_clean:
+            _check_name_severity(c.name, c.severity)
+            if CORRUPTIONS[c.name].moves_pixels:
+                ok = [n for n, ci in CORRUPTIONS.items() if not ci.moves_pixels]
+                raise ConfigError(f"corruption {c.name!r} moves pixels, so a clean twin would not share "
+                                  f"its geometry; usable: {', '.join(ok)}", field=field)
+    return conds
+
+
 class DegradedTwins(torch.utils.data.Dataset):
     """``(clean image, degraded image, target)`` with identical geometry, for FCTL.
 
@@ -763,19 +783,7 @@ class DegradedTwins(torch.utils.data.Dataset):
 
     def __init__(self, dataset, conditions, *, seed: int = 0, cache_dir=None,
                  suite_seed: int = 0, progress: bool = False, field: str = "conditions"):
-        conds = conditions if all(isinstance(c, Condition) for c in conditions) \
-            else expand_conditions(conditions, field=field)
-        conds = list(dict.fromkeys(conds))
-        if not conds:
-            raise ConfigError("needs at least one condition", field=field)
-        for c in conds:
-            if not c.is_clean:
-                _check_name_severity(c.name, c.severity)
-                if CORRUPTIONS[c.name].moves_pixels:
-                    ok = [n for n, ci in CORRUPTIONS.items() if not ci.moves_pixels]
-                    raise ConfigError(
-                        f"corruption {c.name!r} moves pixels, so a clean twin would not share "
-                        f"its geometry; usable: {', '.join(ok)}", field=field)
+        conds = twin_conditions(conditions, field=field)
         self.dataset, self.conditions, self.seed = dataset, conds, int(seed)
         self.epoch = 0
         self.suite_seed = int(suite_seed)
