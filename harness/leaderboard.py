@@ -65,6 +65,7 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
     n_stages = pd.Series(df["stage"].to_numpy(), index=base)[done.to_numpy()].groupby(level=0).nunique()
     label = pd.Series([f"{b} ({st})" if n_stages.get(b, 1) > 1 else b for b, st in zip(base, df["stage"])],
                       index=df.index, dtype=object)
+    label = label.replace(_shared_stage_aliases(df[done], label[done]))
     failed = (df[df["status"] == "failed"].assign(label=label)
               .groupby("label")["trial_id"].nunique())
     final = df[df["epoch"].isna() & (df["split"] == "val") & (df["status"] == "ok")
@@ -98,8 +99,7 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
         order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
                                                 -np.nan_to_num(first[lab]), lab))
         mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
-    pairs = [(lab, (baselines or {}).get(lab) or (baselines or {}).get(lab.split(" (")[0]))
-             for lab in mean.index]  # "defeat (student)" compares with defeat's baseline too
+    pairs = [(lab, _baseline_row(lab, baselines or {}, mean.index)) for lab in mean.index]
     for lab, ref in ((lab, ref) for lab, ref in pairs if ref):  # gain over the method's baseline row
         for d, c, m in [col for col in cols if col[2] == metrics[0]]:
             if lab in mean.index and ref in mean.index:
@@ -113,6 +113,42 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
     smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
     text.attrs.update(mean=mean, std=std, smoke=smoke)
     return text
+
+
+def _shared_stage_aliases(done: pd.DataFrame, label: pd.Series) -> dict[str, str]:
+    """One row for a stage output that several entries share (an FCTL ideal model, a DeFeat teacher).
+
+    Rows of a shared earlier stage carry the artifact's key as ``config_hash``; labels whose
+    rows of one stage have the same hashes are the same models. They are shown once, as
+    "method (stage)" when that name is free, else under the shortest of their labels.
+    """
+    if "config_hash" not in done.columns or done.empty:
+        return {}
+    groups: dict[tuple, list[str]] = {}
+    for (lab, method, stage), g in done.assign(label=label).groupby(["label", "method", "stage"]):
+        groups.setdefault((method, stage, frozenset(g["config_hash"])), []).append(lab)
+    per_stage = pd.Series([(m, st) for m, st, _ in groups]).value_counts()
+    aliases = {}
+    for (method, stage, _), labels in groups.items():
+        if len(labels) < 2:
+            continue
+        name = f"{method} ({stage})" if per_stage[(method, stage)] == 1 else min(labels, key=lambda s: (len(s), s))
+        aliases.update({lab: name for lab in labels if lab != name})
+    return aliases
+
+
+def _baseline_row(lab: str, baselines: dict[str, str], rows) -> str | None:
+    """The row ``lab`` is compared with: its own baseline, else its entry's; same stage if staged.
+
+    "fctl (corrective)" compares with "fctl[degraded_only] (corrective)" when the suite says
+    ``baseline: fctl[degraded_only]``; "defeat (student)" with the single-stage "faster_rcnn".
+    """
+    entry, _, stage = lab.partition(" (")
+    ref = baselines.get(lab) or baselines.get(entry)
+    if not ref:
+        return None
+    staged = f"{ref} ({stage}" if stage else ref
+    return staged if staged in rows else ref
 
 
 def _best_mask(board: pd.DataFrame) -> pd.DataFrame:

@@ -86,6 +86,8 @@ def rows_for_trial(run: dict, cell: dict, trial_id: str, outputs: dict[str, dict
     rows = []
     for stage, out in outputs.items():
         base = dict(common, stage=stage, restarts=int(out.get("resumes", 0)), node_id=out.get("node_id", ""))
+        if out.get("artifact"):  # a shared earlier stage: identified by what determines it
+            base["config_hash"] = out["artifact"][:16]
         for record in out.get("history", []):
             for key, value in record.items():
                 v = _number(value)

@@ -171,3 +171,26 @@ def test_baseline_applies_to_every_stage_row_of_a_method():
             _final_row("faster_rcnn", 0, 0.30)]
     board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), baselines={"defeat": "faster_rcnn"})
     assert board.loc["defeat (student)", ("ΔAP vs baseline", "d/clean", "")] == "+3.0 (+10.0%) vs faster_rcnn"
+
+
+def test_shared_earlier_stage_is_one_row_and_stages_compare_with_their_like():
+    """FCTL: fctl and fctl[degraded_only] share one ideal model per seed (same artifact hash)."""
+    import pandas as pd
+    rows = []
+    for seed, (ideal, dego, fctl) in enumerate(((0.40, 0.20, 0.25), (0.42, 0.22, 0.26))):
+        for variant, value in (("", fctl), ("degraded_only", dego)):
+            rows.append({**_final_row("fctl", seed, ideal, stage="ideal"), "variant": variant,
+                         "config_hash": f"ideal-{seed}"})
+            rows.append({**_final_row("fctl", seed, value, stage="corrective"), "variant": variant,
+                         "config_hash": f"{variant}-{seed}"})
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",),
+                              baselines={"fctl": "fctl[degraded_only]"})
+    assert set(board.index) == {"fctl (ideal)", "fctl (corrective)", "fctl[degraded_only] (corrective)"}
+    assert board.loc["fctl (ideal)", ("d", "clean", "AP")] == "41.0 ± 1.4"
+    col = ("ΔAP vs baseline", "d/clean", "")
+    assert board.loc["fctl (corrective)", col] == "+4.5 (+21.4%) vs fctl[degraded_only] (corrective)"
+    assert board.loc["fctl (ideal)", col] == ""
+    # different ideal models (e.g. another detector) stay separate rows
+    other = [{**r, "config_hash": r["config_hash"] + "x"} if r["variant"] and r["stage"] == "ideal" else r
+             for r in rows]
+    assert "fctl[degraded_only] (ideal)" in build_leaderboard(pd.DataFrame(other), metrics=("AP",)).index
