@@ -9,7 +9,6 @@ built), so neither sees the other's allocations; on CUDA ``torch.cuda.max_memory
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import random_detection_batch
+from benchmarks.common import peak_rss_mb, random_detection_batch, status_mb
 
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import StageContext
@@ -61,25 +60,6 @@ def _step(method, stage, model, images, targets, ctx) -> float:
     return time.perf_counter() - t0
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, MiB, from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process's own address space.
-
-    ``VmHWM``, not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark over
-    fork + exec into ``ru_maxrss``, so a subprocess of a big parent would report the parent's peak.
-    """
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure_memory(variant: str) -> dict:
     """Peak memory of MEM_STEPS steps of one variant (call in a fresh process on CPU)."""
     torch.set_num_threads(1)
@@ -90,13 +70,13 @@ def measure_memory(variant: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _status_mb("VmRSS")
+        base = status_mb("VmRSS")
     method, stage, model = _build(variant, ctx)
     for _ in range(MEM_STEPS):
         _step(method, stage, model, images, targets, ctx)
     if device.type == "cuda":
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "cuda max_memory_allocated"}
-    return {"peak_mb": _peak_rss_mb() - base, "kind": "peak RSS growth"}
+    return {"peak_mb": peak_rss_mb() - base, "kind": "peak RSS growth"}
 
 
 def _memory_in_subprocess(variant: str) -> dict:

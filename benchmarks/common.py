@@ -1,6 +1,8 @@
 """Helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import resource
+
 import torch
 
 
@@ -17,3 +19,22 @@ def random_detection_batch(batch: int, size: int, classes: int, *, seed: int = 0
         targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1).to(device),
                         "labels": torch.randint(1, classes + 1, (n,), generator=g).to(device)})
     return [im.to(device) for im in images], targets
+
+
+def status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, MiB, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process's own address space.
+
+    ``VmHWM``, not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark over
+    fork + exec into ``ru_maxrss``, so a subprocess of a big parent would report the parent's peak.
+    """
+    hwm = status_mb("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
