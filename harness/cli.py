@@ -16,8 +16,22 @@ from harness.errors import DetbenchError
 def cmd_run(args) -> int:
     from harness.runner import run_suite
     board = run_suite(args.suite, address=args.address, out_dir=args.out, name=args.name,
-                      progress=not args.quiet)
+                      progress=not args.quiet, retry_failed=args.retry_failed)
     print(f"\nleaderboard: {board}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from harness.runner import resume_run
+    board = resume_run(args.run_dir, address=args.address, progress=not args.quiet,
+                       retry_failed=args.retry_failed)
+    print(f"\nleaderboard: {board}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from harness.status import format_status, run_status
+    print(format_status(run_status(args.run_dir)))
     return 0
 
 
@@ -97,9 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None,
                    help="existing Ray cluster ('auto', 'ray://host:10001'); default: RAY_ADDRESS or local")
     r.add_argument("--out", default="results/runs", help="parent folder of run directories")
-    r.add_argument("--name", default=None, help="run directory name (default: suite-timestamp)")
+    r.add_argument("--name", default=None, help="run directory name (default: suite-timestamp); "
+                   "an existing run of that name is resumed")
     r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument("--retry-failed", action="store_true", help="when resuming: rerun the failed cells too")
     r.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("resume", help="continue a run whose driver stopped (finished trials are kept)")
+    rs.add_argument("run_dir")
+    rs.add_argument("--address", default=None, help="Ray cluster (as for run)")
+    rs.add_argument("--quiet", action="store_true", help="no progress display")
+    rs.add_argument("--retry-failed", action="store_true", help="rerun the failed cells too")
+    rs.set_defaults(func=cmd_resume)
+
+    st = sub.add_parser("status", help="done / running / failed / pending per cell of a run")
+    st.add_argument("run_dir")
+    st.set_defaults(func=cmd_status)
 
     lb = sub.add_parser("leaderboard", help="(re)build the leaderboard of a run directory")
     lb.add_argument("run_dir")

@@ -23,6 +23,7 @@ import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.artifacts import ArtifactStore, artifact_key
+from harness.fileio import atomic_write_json
 from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
 from harness.registry import METHODS
 
@@ -134,6 +135,31 @@ def sampled_params(config: dict) -> dict:
     return {k.replace("|", "."): v for k, v in config.get("hp", {}).items()}
 
 
+def finished_rows(store, trial_id: str, cell_id: str, cfg_hash: str):
+    """Rows of a successful earlier run of this trial (or of the same cell and config), or None."""
+    df = store.read()
+    if df.empty:
+        return None
+    mine = df[(df["trial_id"] == trial_id) | ((df["cell"] == cell_id) & (df["config_hash"] == cfg_hash))]
+    ok = mine[mine["epoch"].isna() & (mine["status"] == "ok")]
+    if ok.empty:
+        return None
+    return mine[mine["trial_id"] == ok["trial_id"].iloc[-1]]
+
+
+def _summary_of_rows(df, cell: dict) -> dict:
+    """What a finished trial reported to Tune, rebuilt from its rows."""
+    stage = cell["stages"][-1]
+    mine = df[df["stage"] == stage]
+    final = mine[mine["epoch"].isna() & (mine["condition"] == "clean")]
+    report = {m: float(v) for m, v in zip(final["metric"], final["value"])}
+    report.update(epoch=int(mine["epoch"].max()) if mine["epoch"].notna().any() else 0, status="ok",
+                  resumed_from_rows=True)
+    if cell.get("search"):
+        report.setdefault(cell["search"]["metric"], float("nan"))
+    return report
+
+
 def run_trial(config: dict) -> None:
     """Tune function trainable: train every stage of one cell, then write its rows atomically."""
     import ray.tune
@@ -172,6 +198,15 @@ def run_trial(config: dict) -> None:
             raise StageFailed(out)
         return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
 
+    from harness.plan import config_hash
+    from harness.results import ResultStore
+    results = ResultStore(run["run_dir"])
+    done = finished_rows(results, trial_id, cell["cell_id"], config_hash(cell))
+    if done is not None:  # a resumed sweep whose Tune state predates these rows: nothing to redo
+        ray.tune.report(_summary_of_rows(done, cell))
+        return
+    atomic_write_json({"cell": cell["cell_id"], "trial_id": trial_id, "started": time.time(), "node": _node_id()},
+                      Path(run["run_dir"]) / "trials" / f"{trial_id}.json")
     try:
         for i, stage in enumerate(stages):
             if i == len(stages) - 1:
@@ -192,8 +227,7 @@ def run_trial(config: dict) -> None:
         outputs[stage] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".strip()[:500],
                           "traceback": traceback.format_exc()}
     rows = rows_for_trial(run, cell, trial_id, outputs, wall_s=time.time() - t0)
-    from harness.results import ResultStore
-    ResultStore(run["run_dir"]).write_trial(trial_id, rows)
+    results.write_trial(trial_id, rows)
     final = outputs[stages[-1]] if stages[-1] in outputs else next(iter(outputs.values()))
     tb = next((o.get("traceback") for o in outputs.values() if o.get("traceback")), None)
     if tb:

@@ -140,12 +140,14 @@ def _shared_stage_aliases(done: pd.DataFrame, label: pd.Series) -> dict[str, str
 def _baseline_row(lab: str, baselines: dict[str, str], rows) -> str | None:
     """The row ``lab`` is compared with: its own baseline, else its entry's; same stage if staged.
 
+    Rows of a search ("fctl[lambda_fs=1.25]") use the baseline of their method's entry.
     "fctl (corrective)" compares with "fctl[degraded_only] (corrective)" when the suite says
     ``baseline: fctl[degraded_only]``; "defeat (student)" with the single-stage "faster_rcnn".
     """
     entry, _, stage = lab.partition(" (")
-    ref = baselines.get(lab) or baselines.get(entry)
-    if not ref:
+    method = entry.split("[")[0]  # searched rows "fctl[lambda_fs=1.25]" belong to entry "fctl"
+    ref = next((baselines[k] for k in (lab, entry, method) if k in baselines), None)
+    if not ref or ref == entry:
         return None
     staged = f"{ref} ({stage}" if stage else ref
     return staged if staged in rows else ref

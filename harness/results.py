@@ -195,6 +195,15 @@ class ResultStore:
         _fsync_dir(self.rows_dir)
         return path
 
+    def retire(self, trial_id: str) -> None:
+        """Move a trial's rows out of the results (to ``rows-retired/``), e.g. before a retry."""
+        retired = self.run_dir / "rows-retired"
+        retired.mkdir(exist_ok=True)
+        self.path_for(trial_id).replace(retired / self.path_for(trial_id).name)
+
+    def retired(self, trial_id: str) -> bool:
+        return (self.run_dir / "rows-retired" / self.path_for(trial_id).name).is_file()
+
     def _files(self) -> list[Path]:
         if not self.rows_dir.is_dir():
             return []

@@ -6,21 +6,35 @@ nothing behind. The run directory then holds: ``suite.yaml`` (a copy),
 ``manifest.json`` (resolved config, versions, git SHA, cluster, seeds),
 ``rows/`` (one Parquet file per trial), ``tune/`` and ``train/`` (Ray's
 storage: checkpoints, trial state), ``failures/`` (tracebacks),
-``logs/driver.log`` and the leaderboard files.
+``logs/driver.log`` and the leaderboard files; ``run.json`` (the planned cells
+and run settings: what ``detbench resume`` needs), ``driver.json`` (pid and host
+of the driver working on it) and ``trials/`` (one marker per started trial,
+for ``detbench status``).
+
+A run directory is resumable: ``detbench resume RUN_DIR`` (or ``detbench run``
+with the same ``--name``) restores the Tune experiments with
+``Tuner.restore(..., resume_errored=True)``; finished trials are not rerun
+(also when Tune's state is older than the rows: see
+:func:`harness.distributed.run_trial`), an interrupted trial's Train run picks
+up its last epoch checkpoint, and Optuna's study comes back from its journal.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import subprocess
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from harness.config import data_cache_dir, load_suite, method_label
+from harness.config import ResourcesSpec, data_cache_dir, load_suite, method_label
+from harness.errors import DetbenchError
+from harness.fileio import atomic_write_json
 from harness.data.loader import prepare_conditions, prepare_dataset
 from harness.plan import plan_cells, rows_for_trial
 from harness.results import ResultStore
@@ -65,7 +79,7 @@ def record_unfinished(grids, run: dict, store: ResultStore) -> None:
         for result in grid:
             cfg = result.config or {}
             trial_id = (result.metrics or {}).get("trial_id", "")  # Tune adds it to every result
-            if not trial_id or not cfg or trial_id in store.trial_ids():
+            if not trial_id or not cfg or trial_id in store.trial_ids() or store.retired(trial_id):
                 continue
             metrics = result.metrics or {}
             if result.error is None:
@@ -86,13 +100,21 @@ def record_unfinished(grids, run: dict, store: ResultStore) -> None:
             store.write_trial(trial_id, rows)
 
 
-def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path = "results/runs",
-              name: str | None = None, progress: bool = True) -> Path:
-    """Run a suite end to end and return the path of its Markdown leaderboard."""
-    from harness.leaderboard import format_for_terminal, write_leaderboard
-    from harness.progress import SweepProgress
-    from harness.sweep import check_fits, cluster_nodes, init_ray, run_sweep
+RUN_FILE = "run.json"
+DRIVER_FILE = "driver.json"
 
+
+def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path = "results/runs",
+              name: str | None = None, progress: bool = True, retry_failed: bool = False) -> Path:
+    """Run a suite end to end and return the path of its Markdown leaderboard.
+
+    With ``name`` of an existing run directory under ``out_dir``, that run is resumed.
+    """
+    from harness.sweep import check_fits, cluster_nodes, init_ray
+
+    if name and (Path(out_dir) / name / RUN_FILE).is_file():
+        print(f"detbench: {Path(out_dir) / name} exists: resuming it")
+        return resume_run(Path(out_dir) / name, address=address, progress=progress, retry_failed=retry_failed)
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     cache = data_cache_dir(suite)
@@ -106,7 +128,11 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = (Path(out_dir) / (name or f"{suite.name}-{stamp}")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise DetbenchError("exists but is not a detbench run (no run.json); choose another --name",
+                            file=run_dir) from None
     _driver_log(run_dir)
     shutil.copyfile(suite_path, run_dir / "suite.yaml")
     import ray
@@ -118,26 +144,86 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
                 "seeds": suite.seeds, "cells": [c["cell_id"] for c in cells],
                 "baselines": {method_label(m): m.baseline for m in suite.methods if m.baseline},
                 "concurrency": concurrency, "started": stamp}
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    atomic_write_json(manifest, run_dir / "manifest.json", indent=2, default=str)
     run = {"run_dir": str(run_dir), "run_id": run_dir.name, "suite": suite.name, "smoke": suite.smoke,
            "resources": suite.resources.model_dump(), "versions_json": json.dumps(versions),
            "git_sha": manifest["git_sha"]}
-
+    atomic_write_json({"run": run, "cells": cells}, run_dir / RUN_FILE)
     n_trials = sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells)
     print(f"detbench: {len(cells)} cell(s), {n_trials} trial(s), up to {concurrency} at once; "
           f"run directory {run_dir}")
+    return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress)
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """``(run, cells)`` of a run directory, or a clear error."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise DetbenchError("not a detbench run directory (no run.json)", file=run_dir)
+    state = json.loads(path.read_text())
+    return state["run"], state["cells"]
+
+
+def resume_run(run_dir: str | Path, *, address: str | None = None, progress: bool = True,
+               retry_failed: bool = False) -> Path:
+    """Continue a run after its driver stopped; ``retry_failed`` reruns the failed cells too."""
+    from harness.sweep import check_fits, cluster_nodes, init_ray
+
+    run_dir = Path(run_dir).resolve()
+    run, cells = load_run(run_dir)
+    init_ray(address)
+    concurrency = check_fits(ResourcesSpec(**run["resources"]), cluster_nodes())
+    _driver_log(run_dir)
+    retry = retire_failed(run_dir, cells) if retry_failed else []
+    print(f"detbench: resuming {run_dir}" + (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
+    return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress, resume=True, retry=retry)
+
+
+def retire_failed(run_dir: Path, cells: list[dict]) -> list[dict]:
+    """Move the rows of failed plain-cell trials to ``rows-retired/``; return those cells.
+
+    A failed trial of a hyperparameter search is one failed sample of the search, not a
+    cell to retry: it stays.
+    """
+    store = ResultStore(run_dir)
+    df = store.read()
+    if df.empty:
+        return []
+    failed = df[(df["status"] == "failed")]
+    by_id = {c["cell_id"]: c for c in cells if not c.get("search")}
+    retry = []
+    for cell_id, g in failed.groupby("cell"):
+        if cell_id in by_id:
+            for trial_id in set(g["trial_id"]):
+                store.retire(trial_id)
+            retry.append(by_id[cell_id])
+    return retry
+
+
+def _sweep_and_report(run_dir: Path, run: dict, cells: list[dict], concurrency: int, *, progress: bool,
+                      resume: bool = False, retry: list[dict] = ()) -> Path:
+    from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
+    from harness.progress import SweepProgress
+    from harness.sweep import run_sweep
+
+    driver = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.now(timezone.utc).isoformat(), "finished": None}
+    atomic_write_json(driver, run_dir / DRIVER_FILE)
+    store = ResultStore(run_dir)
+    n_trials = sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells) + len(retry)
     bar = SweepProgress(n_trials, enabled=progress)
+    bar.bar.update(len(store.trial_ids()) if resume else 0)
     t0 = time.time()
     try:
-        grids = run_sweep(cells, run, concurrency=concurrency, callbacks=[bar])
+        grids = run_sweep(cells, run, concurrency=concurrency, callbacks=[bar], resume=resume, retry=retry)
     finally:
         bar.close()
-    store = ResultStore(run_dir)
     record_unfinished(grids, run, store)
+    atomic_write_json({**driver, "finished": datetime.now(timezone.utc).isoformat()}, run_dir / DRIVER_FILE)
     board = write_leaderboard(run_dir, "md")
     write_leaderboard(run_dir, "csv")
     df = store.read()
-    print(format_for_terminal(df, baselines=manifest["baselines"]))
+    print(format_for_terminal(df, baselines=run_baselines(run_dir)))
     from harness.report import robustness_table, write_report
     if robustness_table(df):
         print("\n" + robustness_table(df))

@@ -21,7 +21,7 @@ from harness.errors import ConfigError
 log = logging.getLogger(__name__)
 
 #: Set for every Ray process: Train's per-report health-check wait is 2 s by default.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
@@ -88,27 +88,50 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=()) -> list:
-    """Run every cell as a Tune trial; returns the ResultGrids."""
+def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), resume: bool = False,
+              retry: list[dict] = ()) -> list:
+    """Run every cell as a Tune trial; returns the ResultGrids.
+
+    ``resume``: each experiment already started in the run directory is restored
+    (``Tuner.restore(..., resume_errored=True)``) instead of started anew. ``retry``:
+    cells to run again in an experiment of their own (``retry<k>``).
+    """
     from ray import tune
 
     from harness.distributed import TRIAL_CPU, run_trial
 
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     storage = os.path.join(run["run_dir"], "tune")
+
+    def fit(name: str, make_tuner, param_space: dict):
+        path = os.path.join(storage, name)
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
+            internal = getattr(tuner, "_local_tuner", None)  # this driver's progress, not the pickled one
+            if internal is not None:
+                internal.get_run_config().callbacks = list(callbacks)
+        else:
+            tuner = make_tuner()
+        return tuner.fit()
+
+    def grid_tuner(name: str, group: list[dict]):
+        space = {"cell": tune.grid_search(group), "run": run}
+        return fit(name, lambda: tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks))),
+            space)
+
     grids = []
     plain = [c for c in cells if not c.get("search")]
     if plain:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search(plain), "run": run},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name="cells", storage_path=storage, verbose=0,
-                                      callbacks=list(callbacks)))
-        grids.append(tuner.fit())
+        grids.append(grid_tuner("cells", plain))
     for i, cell in enumerate(c for c in cells if c.get("search")):
-        grids.append(_search_tuner(trainable, cell, run, storage, i, concurrency, callbacks).fit())
+        tuner, space = _search_tuner(trainable, cell, run, storage, i, concurrency, callbacks)
+        grids.append(fit(f"search{i}", lambda: tuner, space))
+    if retry:
+        k = len(list(Path(storage).glob("retry*")))
+        grids.append(grid_tuner(f"retry{k}", list(retry)))
     return grids
 
 
@@ -129,12 +152,13 @@ def _search_tuner(trainable, cell: dict, run: dict, storage: str, i: int, concur
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell["schedule"]["epochs"] + 1,
                                grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
                  if s["scheduler"] == "asha" else FIFOScheduler())
+    space = {"cell": cell, "run": run, "hp": _tune_space(s["space"])}
     return tune.Tuner(
         trainable,
-        param_space={"cell": cell, "run": run, "hp": _tune_space(s["space"])},
+        param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=s["metric"],
                                     mode=s["mode"], num_samples=s["num_samples"],
                                     max_concurrent_trials=concurrency,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=f"search{i}", storage_path=storage, verbose=0,
-                                  callbacks=list(callbacks)))
+                                  callbacks=list(callbacks))), space

@@ -134,3 +134,71 @@ def test_optuna_asha_sweep_stops_trials_without_leaking(tmp_path, tiny_data, ray
     assert (df[df["epoch"].isna() & (df["metric"] == "AP")]["status"] == "ok").sum() >= 1
     assert (run_dir / "optuna" / "search0.journal").stat().st_size > 0
     assert df["variant"].str.contains("schedule.lr=").all()
+
+
+FCTL_SUITE = """
+name: fctl-reuse
+smoke: true
+""" + TINY_DATA + """methods:
+  - name: fctl
+    config: {{levels: [0, 1], train_conditions: [fog@2]}}
+    baseline: fctl[degraded_only]
+    search:
+      space: {{lambda_fs: {{loguniform: [0.1, 10.0]}}}}
+      num_samples: 2
+      metric: AP
+      mode: max
+      scheduler: fifo
+  - name: fctl
+    config: {{variant: degraded_only, train_conditions: [fog@2]}}
+seeds: [0]
+schedule: {{epochs: 1, batch_size: 4, warmup_iters: 2}}
+conditions: [clean, {{corruption: fog, severity: 2}}]
+resources: {{workers_per_trial: 1, cpus_per_worker: 0.99}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_fctl_sweep_trains_the_ideal_stage_once(tmp_path, tiny_data, ray_local):
+    """3 trials (2 lambda_fs samples + degraded-only) share one ideal model: trained once, counted."""
+    suite = tmp_path / "fctl.yaml"
+    suite.write_text(FCTL_SUITE.format(**tiny_data))
+    run_dir = run_suite(suite, out_dir=tmp_path / "runs", name="fctl", progress=False).parent
+    store = ResultStore(run_dir)
+    df = store.read()
+    assert len(store.trial_ids()) == 3 and (df["status"] == "ok").all()
+    ideal_trainings = sorted(p.name for p in (run_dir / "train").iterdir() if p.name.endswith("-ideal"))
+    corrective = [p for p in (run_dir / "train").iterdir() if p.name.endswith("-corrective")]
+    assert len(ideal_trainings) == 1 and len(corrective) == 3
+    from harness.artifacts import ArtifactStore
+    assert len(ArtifactStore(run_dir / "artifacts").list()) == 1
+    ideal = df[(df["stage"] == "ideal") & df["epoch"].isna() & (df["metric"] == "AP")]
+    assert set(ideal["condition"]) == {"clean", "fog"} and ideal["config_hash"].nunique() == 1
+    curves = df[(df["stage"] == "corrective") & (df["metric"] == "fctl/decay")]
+    assert len(curves) == 2 and (curves["value"] < 1).all()  # the two trials with the feature loss
+    board = (run_dir / "leaderboard.md").read_text()
+    assert "fctl (ideal)" in board and "fctl[degraded_only] (corrective)" in board
+    assert "vs fctl[degraded_only] (corrective)" in board
+
+
+def test_status_then_retry_failed_reruns_only_the_failed_cell(micro_run):
+    """Runs last in this module: it changes the micro run."""
+    from harness.runner import resume_run
+    from harness.status import format_status, run_status
+    run_dir, _ = micro_run
+    status = run_status(run_dir)
+    assert status["driver"] == "finished" and status["counts"] == {"done": 2, "failed": 1}
+    failed = next(c for c in status["cells"] if c["state"] == "failed")
+    assert failed["cell"] == "diverging/tiny/seed0" and "non-finite loss" in failed["detail"]
+    assert "--retry-failed" in format_status(status)
+    store = ResultStore(run_dir)
+    before = {t: store.path_for(t).stat().st_mtime_ns for t in store.trial_ids()}
+    old_failed = set(store.read().query("status == 'failed'")["trial_id"])
+    resume_run(run_dir, progress=False, retry_failed=True)
+    after = store.trial_ids()
+    assert {t: store.path_for(t).stat().st_mtime_ns for t in after & set(before)} == \
+        {t: m for t, m in before.items() if t not in old_failed}          # the others untouched
+    new = after - set(before)
+    assert len(new) == 1 and len(after) == 3                                # one set of rows per cell
+    assert {p.stem for p in (run_dir / "rows-retired").glob("*.parquet")} == old_failed
+    assert run_status(run_dir)["counts"] == {"done": 2, "failed": 1}        # NaN again: deterministic

@@ -1,0 +1,96 @@
+"""``detbench status RUN_DIR``: where a sweep stands, cell by cell.
+
+Read from the run directory only (no Ray needed): the planned cells
+(``run.json``), the committed result rows (done / failed / stopped, with the
+failure reason), the markers trials leave when they start (``trials/``) and
+the driver's pid file (``driver.json``). A trial that started but has no rows
+is *running* while its driver is alive, else *interrupted* (``detbench resume``
+continues it from its last epoch checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from harness.results import ResultStore
+
+
+def driver_state(run_dir: Path) -> str:
+    """'running' (driver alive), 'finished', or 'stopped' (driver gone before the end)."""
+    path = run_dir / "driver.json"
+    if not path.is_file():
+        return "stopped"
+    d = json.loads(path.read_text())
+    if d.get("finished"):
+        return "finished"
+    if d.get("host") == socket.gethostname():
+        try:
+            os.kill(int(d["pid"]), 0)
+            return "running"
+        except (ProcessLookupError, PermissionError, ValueError):
+            return "stopped"
+    return "running"  # another host's driver: cannot check from here
+
+
+def run_status(run_dir: str | Path) -> dict:
+    """``{"driver": ..., "cells": [{"cell", "state", "trials", "detail"}, ...], "counts": {...}}``."""
+    from harness.runner import load_run
+
+    run_dir = Path(run_dir)
+    _, cells = load_run(run_dir)
+    driver = driver_state(run_dir)
+    df = ResultStore(run_dir).read()
+    started: dict[str, set[str]] = {}
+    for marker in (run_dir / "trials").glob("*.json") if (run_dir / "trials").is_dir() else ():
+        try:
+            m = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        started.setdefault(m["cell"], set()).add(m["trial_id"])
+    out = []
+    for cell in cells:
+        cid = cell["cell_id"]
+        rows = df[df["cell"] == cid] if len(df) else df
+        expected = cell["search"]["num_samples"] if cell.get("search") else 1
+        per_trial = {}
+        for tid, g in rows.groupby("trial_id"):
+            if (g["epoch"].isna() & (g["status"] == "ok")).any():
+                per_trial[tid] = ("done", "")
+            elif (g["status"] == "failed").any():
+                per_trial[tid] = ("failed", str(g.loc[g["status"] == "failed", "reason"].iloc[0]))
+            else:
+                per_trial[tid] = ("stopped", str(g["reason"].dropna().iloc[0]) if g["reason"].notna().any() else "")
+        unfinished = started.get(cid, set()) - set(per_trial)
+        live = "running" if driver == "running" else "interrupted"
+        states = [s for s, _ in per_trial.values()] + [live] * len(unfinished)
+        states += ["pending"] * max(0, expected - len(states))
+        order = ("failed", "interrupted", "running", "pending", "stopped", "done")
+        state = next(s for s in order if s in states) if states else "pending"
+        if cell.get("search") or expected > 1:
+            state = ", ".join(f"{states.count(s)} {s}" for s in order if s in states)
+        detail = "; ".join(r for s, r in per_trial.values() if s == "failed" and r)
+        out.append({"cell": cid, "state": state, "trials": len(per_trial) + len(unfinished), "detail": detail})
+    counts: dict[str, int] = {}
+    for c in out:
+        for part in c["state"].split(", "):
+            n, _, s = part.partition(" ") if part[0].isdigit() else ("1", "", part)
+            counts[s] = counts.get(s, 0) + int(n)
+    return {"run_dir": str(run_dir), "driver": driver, "cells": out, "counts": counts}
+
+
+def format_status(status: dict) -> str:
+    width = max([len(c["cell"]) for c in status["cells"]] + [4])
+    lines = [f"run {status['run_dir']}  (driver: {status['driver']})"]
+    for c in status["cells"]:
+        line = f"  {c['cell']:<{width}}  {c['state']}"
+        if c["detail"]:
+            line += f"  -- {c['detail'][:200]}"
+        lines.append(line)
+    lines.append("total: " + ", ".join(f"{n} {s}" for s, n in sorted(status["counts"].items())))
+    if status["driver"] == "stopped" and any(s in status["counts"] for s in ("interrupted", "pending")):
+        lines.append(f"the driver stopped before the end: detbench resume {status['run_dir']}")
+    if "failed" in status["counts"]:
+        lines.append(f"rerun the failed cells: detbench resume {status['run_dir']} --retry-failed")
+    return "\n".join(lines)
