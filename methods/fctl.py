@@ -183,11 +183,13 @@ class OmegaSum(torch.autograd.Function):
         geometry = _offset_geometry(h, w, r, d.device, d.dtype)
         step = _chunk_planes((h + 2 * r) * (w + 2 * r), planes.shape[0], d.device)
         total = d.new_zeros(())
+        buf = d.new_empty(min(step, planes.shape[0]) * (h + r) * (w + 2 * r))  # reused: no malloc per offset
         for s in range(0, planes.shape[0], step):
             p = F.pad(planes[s:s + step].unsqueeze(0), (r, r, r, r), mode="replicate")[0]
             k = p.shape[0]
             for i, j, r0, c0, rows, cols, weight in geometry:
-                m = p[:, r0:r0 + rows, c0:c0 + cols] - p[:, r0 + i:r0 + i + rows, c0 + j:c0 + j + cols]
+                m = buf[:k * rows * cols].view(k, rows, cols)
+                torch.sub(p[:, r0:r0 + rows, c0:c0 + cols], p[:, r0 + i:r0 + i + rows, c0 + j:c0 + j + cols], out=m)
                 total += (m.abs_().view(k, -1) @ weight.view(-1)).sum()
         return total
 
@@ -200,13 +202,16 @@ class OmegaSum(torch.autograd.Function):
         geometry = _offset_geometry(h, w, r, d.device, d.dtype)
         step = _chunk_planes((h + 2 * r) * (w + 2 * r), planes.shape[0], d.device)
         grad = torch.empty_like(planes)
+        buf = d.new_empty(min(step, planes.shape[0]) * (h + r) * (w + 2 * r))
         for s in range(0, planes.shape[0], step):
             p = F.pad(planes[s:s + step].unsqueeze(0), (r, r, r, r), mode="replicate")[0]
             g = torch.zeros_like(p)                                # d total / d P (padded)
+            k = p.shape[0]
             for i, j, r0, c0, rows, cols, weight in geometry:
                 a = p[:, r0:r0 + rows, c0:c0 + cols]
                 b = p[:, r0 + i:r0 + i + rows, c0 + j:c0 + j + cols]
-                sgn = torch.sub(a, b).sign_().mul_(weight)
+                sgn = buf[:k * rows * cols].view(k, rows, cols)
+                torch.sub(a, b, out=sgn).sign_().mul_(weight)
                 g[:, r0:r0 + rows, c0:c0 + cols] += sgn
                 g[:, r0 + i:r0 + i + rows, c0 + j:c0 + j + cols] -= sgn
             # adjoint of replicate padding: the border strips flow back to the edge pixels
