@@ -35,6 +35,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_cluster_info(args) -> int:
+    from harness.sweep import cluster_report
+    text, fits = cluster_report(args.address, args.suite)
+    print(text)
+    return 0 if fits else 2
+
+
 def cmd_leaderboard(args) -> int:
     from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.results import ResultStore
@@ -157,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("action", choices=("ls", "gc"))
     a.add_argument("run_dir")
     a.set_defaults(func=cmd_artifacts)
+
+    cl = sub.add_parser("cluster", help="Ray cluster tools").add_subparsers(dest="cluster_command", required=True)
+    ci = cl.add_parser("info", help="nodes, resources, and what a suite's trials would request")
+    ci.add_argument("--address", default=None, help="Ray cluster ('auto', 'host:6379'); default: RAY_ADDRESS "
+                    "or a fresh local one")
+    ci.add_argument("--suite", default=None, help="suite YAML: show its per-trial request and whether it fits")
+    ci.set_defaults(func=cmd_cluster_info)
 
     m = sub.add_parser("methods", help="list method plugins with their config fields and defaults")
     m.set_defaults(func=cmd_methods)

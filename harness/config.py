@@ -140,6 +140,8 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent_trials: int | Literal["auto"] = "auto"
     max_failures: int = Field(0, ge=0)  # Ray Train worker-group restarts per trial
+    # Where a trial's workers go: PACK (fewest nodes) or SPREAD / STRICT_SPREAD (over nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class Suite(Strict):

@@ -107,9 +107,9 @@ def train_worker(cfg: dict) -> dict:
                              model_state=model_state, on_epoch=on_epoch, wrap=wrap)
     except NonFiniteLoss as exc:
         return {"status": "failed", "reason": str(exc), "history": (state or StageState()).history,
-                "resumes": resumes, "node_id": _node_id()}
+                "resumes": resumes, "node_id": _worker_nodes(world)}
     return {"status": "ok", "history": state.history, "final": state.last_eval, "resumes": resumes,
-            "conditions": state.conditions, "node_id": _node_id()}
+            "conditions": state.conditions, "node_id": _worker_nodes(world)}
 
 
 def _node_id() -> str:
@@ -118,6 +118,17 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return ""
+
+
+def _worker_nodes(world: int) -> str:
+    """Ray node ids of all the stage's workers, distinct, comma-separated (rank 0's first)."""
+    nodes = [_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    return ",".join(dict.fromkeys(nodes))
 
 
 def apply_search(cell: dict, sampled: dict) -> dict:
@@ -186,7 +197,8 @@ def run_trial(config: dict) -> None:
                                "threads": res["cpus_per_worker"]},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu,
-                                         resources_per_worker=per_worker),
+                                         resources_per_worker=per_worker,
+                                         placement_strategy=res.get("placement_strategy", "PACK")),
             run_config=RunConfig(
                 name=f"{trial_id}-{stage}", storage_path=os.path.join(run["run_dir"], "train"),
                 failure_config=FailureConfig(max_failures=res["max_failures"]),

@@ -65,7 +65,7 @@ class ResultRow(BaseModel):
     reason: str = ""
     smoke: bool = False
     restarts: int = 0
-    node_id: str = ""
+    node_id: str = ""           # Ray node id(s) of the stage's workers, comma-separated, rank 0 first
     created_at: str = Field(default_factory=_utc_now)  # ISO 8601, UTC
 
     @field_validator("config_json", "versions_json")

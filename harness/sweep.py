@@ -65,12 +65,56 @@ def check_fits(res: ResourcesSpec, nodes: list[dict]) -> int:
             f"{res.gpus_per_worker:g} GPU) plus {TRIAL_CPU} CPU for its driver, but the cluster can "
             f"place only {slots} such worker(s) ({have}); it would wait PENDING forever. Lower "
             f"resources.workers_per_trial / cpus_per_worker / gpus_per_worker", field="resources")
+    hosts = sum(worker_slots(n) >= 1 for n in nodes)
+    if res.placement_strategy == "STRICT_SPREAD" and hosts < res.workers_per_trial:
+        raise ConfigError(f"placement_strategy STRICT_SPREAD puts each of the {res.workers_per_trial} workers "
+                          f"of a trial on its own node, but only {hosts} node(s) can host one; it would "
+                          f"wait PENDING forever", field="resources.placement_strategy")
     fit = max(1, slots // res.workers_per_trial)
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
     fit = min(fit, max(1, math.floor(total_cpu / (res.workers_per_trial * res.cpus_per_worker + TRIAL_CPU))))
     if res.max_concurrent_trials != "auto":
         fit = min(fit, res.max_concurrent_trials)
     return fit
+
+
+def cluster_report(address: str | None, suite_path: str | None = None) -> tuple[str, bool]:
+    """Text for ``detbench cluster info``: nodes, resources, and a suite's per-trial request.
+
+    Returns ``(text, fits)``; ``fits`` is False when the suite's trials could never be
+    scheduled on this cluster (the same check ``detbench run`` refuses with).
+    """
+    import ray
+
+    from harness.distributed import TRIAL_CPU
+    init_ray(address)
+    lines = [f"Ray cluster {ray.get_runtime_context().gcs_address}"]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    for n in alive:
+        res = n["Resources"]
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                  and not k.startswith("node:") and k != "accelerator_type"}
+        lines.append(f"  node {n['NodeID'][:12]} {n.get('NodeManagerAddress', '')}"
+                     f"{' (head)' if n.get('Resources', {}).get('node:__internal_head__') else ''}: "
+                     f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, "
+                     f"{res.get('memory', 0) / 2**30:.1f} GiB memory"
+                     + (f", {', '.join(f'{k}={v:g}' for k, v in sorted(custom.items()))}" if custom else ""))
+    totals = {k: sum(n["Resources"].get(k, 0) for n in alive) for k in ("CPU", "GPU")}
+    lines.append(f"  total: {len(alive)} node(s), {totals['CPU']:g} CPU, {totals['GPU']:g} GPU")
+    if not suite_path:
+        return "\n".join(lines), True
+    from harness.config import load_suite
+    res = load_suite(suite_path, check_paths=False).resources
+    lines.append(f"suite {suite_path}: per trial {res.workers_per_trial} worker(s) x ({res.cpus_per_worker:g} CPU, "
+                 f"{res.gpus_per_worker:g} GPU), {res.placement_strategy}, plus {TRIAL_CPU} CPU for the "
+                 f"trial driver")
+    try:
+        n = check_fits(res, [node["Resources"] for node in alive])
+    except ConfigError as err:
+        lines.append(f"  cannot be scheduled: {err}")
+        return "\n".join(lines), False
+    lines.append(f"  fits: up to {n} trial(s) at once")
+    return "\n".join(lines), True
 
 
 def _tune_space(space: dict) -> dict:
@@ -82,6 +126,14 @@ def _tune_space(space: dict) -> dict:
               "choice": lambda *a: tune.choice(list(a))}[kind]
         out[key.replace(".", "|")] = fn(*args)  # Tune flattens nested keys on "/" and "."
     return out
+
+
+def _tune_run_config(name: str, storage: str, run: dict, callbacks):
+    """A trial whose driver actor is lost with its node is restarted (its Train run then
+    resumes from the last checkpoint) as often as Train may restart a worker group."""
+    from ray import tune
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks),
+                          failure_config=tune.FailureConfig(max_failures=run["resources"]["max_failures"]))
 
 
 def _trial_dirname(trial) -> str:
@@ -119,7 +171,7 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), r
         return fit(name, lambda: tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks))),
+            run_config=_tune_run_config(name, storage, run, callbacks)),
             space)
 
     grids = []
@@ -160,5 +212,4 @@ def _search_tuner(trainable, cell: dict, run: dict, storage: str, i: int, concur
                                     mode=s["mode"], num_samples=s["num_samples"],
                                     max_concurrent_trials=concurrency,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=f"search{i}", storage_path=storage, verbose=0,
-                                  callbacks=list(callbacks))), space
+        run_config=_tune_run_config(f"search{i}", storage, run, callbacks)), space

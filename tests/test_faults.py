@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from faultkit import checkpoints, markers, pids_matching, ray_gone, wait_for
 from harness.results import ResultStore
 from harness.status import run_status
 
@@ -42,48 +43,6 @@ def _start(args, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _checkpoints(run_dir: Path, trial_id: str) -> list[Path]:
-    return sorted((run_dir / "train" / f"{trial_id}-train").glob("checkpoint_2*"))
-
-
-def _markers(run_dir: Path) -> list[str]:
-    folder = run_dir / "trials"
-    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
-
-
-def _pids_matching(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd:
-                pids.append(int(proc.name))
-    return pids
-
-
-def _ray_gone(timeout: float = 30) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if not _pids_matching("raylet") and not _pids_matching("gcs_server"):
-            return True
-        time.sleep(0.5)
-    return False
-
-
 @pytest.mark.timeout(300)
 def test_driver_sigkill_then_resume(tmp_path, tiny_data):
     suite = tmp_path / "s.yaml"
@@ -93,15 +52,15 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data):
     proc = _start(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet"], log)
     store = ResultStore(run_dir)
     # first trial finished, the second has checkpointed at least one epoch
-    _wait_for(lambda: len(store.trial_ids()) == 1 and len(_markers(run_dir)) == 2
-              and _checkpoints(run_dir, (set(_markers(run_dir)) - store.trial_ids()).pop()),
+    wait_for(lambda: len(store.trial_ids()) == 1 and len(markers(run_dir)) == 2
+              and checkpoints(run_dir, (set(markers(run_dir)) - store.trial_ids()).pop()),
               240, "trial 1 done and trial 2 mid-training", proc, log)
     first = store.trial_ids().pop()
     first_file = store.path_for(first)
     first_stamp = (first_file.stat().st_mtime_ns, first_file.read_bytes())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert _ray_gone(), "the killed driver's Ray cluster did not exit"
+    assert ray_gone(), "the killed driver's Ray cluster did not exit"
     status = run_status(run_dir)
     assert status["driver"] == "stopped" and status["counts"] == {"done": 1, "interrupted": 1}
 
@@ -109,13 +68,13 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data):
                          timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     df = store.read()
-    assert df["row_id"].is_unique and store.trial_ids() == set(_markers(run_dir))
+    assert df["row_id"].is_unique and store.trial_ids() == set(markers(run_dir))
     assert run_status(run_dir)["counts"] == {"done": 2}
     assert (first_file.stat().st_mtime_ns, first_file.read_bytes()) == first_stamp  # not retrained
     second = df[df["trial_id"] != first]
     assert second["restarts"].max() == 1          # continued from its checkpoint
     assert sorted(second[second["metric"] == "train/loss"]["epoch"]) == [1, 2, 3, 4]
-    assert _ray_gone()
+    assert ray_gone()
 
 
 @pytest.mark.timeout(240)
@@ -125,9 +84,9 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     run_dir = tmp_path / "runs" / "w"
     log = tmp_path / "driver.log"
     proc = _start(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w", "--quiet"], log)
-    _wait_for(lambda: _markers(run_dir) and _checkpoints(run_dir, _markers(run_dir)[0]), 180,
+    wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
               "the first epoch checkpoint", proc, log)
-    workers = _pids_matching("ray::RayTrainWorker")
+    workers = pids_matching("ray::RayTrainWorker")
     assert len(workers) == 1, f"expected one Train worker, found {workers}"
     os.kill(workers[0], signal.SIGKILL)
     assert proc.wait(200) == 0, log.read_text()[-3000:]
@@ -136,4 +95,4 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     final = df[df["epoch"].isna() & (df["metric"] == "AP")]
     assert len(final) == 1
     assert sorted(df[df["metric"] == "train/loss"]["epoch"]) == list(range(1, 13))
-    assert _ray_gone()
+    assert ray_gone()

@@ -33,3 +33,11 @@ def test_concurrency_from_cluster():
     nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
     assert check_fits(ResourcesSpec(workers_per_trial=2, cpus_per_worker=1, gpus_per_worker=1), nodes) == 1
     assert check_fits(ResourcesSpec(workers_per_trial=2, cpus_per_worker=1), nodes) == 3
+
+
+def test_strict_spread_needs_a_node_per_worker():
+    two = [{"CPU": 0.0}, {"CPU": 4.0}]
+    with pytest.raises(ConfigError, match="STRICT_SPREAD") as exc:
+        check_fits(ResourcesSpec(workers_per_trial=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD"), two)
+    assert exc.value.field == "resources.placement_strategy"
+    assert check_fits(ResourcesSpec(workers_per_trial=2, cpus_per_worker=1, placement_strategy="SPREAD"), two) == 1

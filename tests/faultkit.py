@@ -1,0 +1,50 @@
+"""Helpers of the fault-injection tests: wait for run-directory states, find and kill Ray processes."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def checkpoints(run_dir: Path, trial_id: str) -> list[Path]:
+    return sorted((run_dir / "train" / f"{trial_id}-train").glob("checkpoint_2*"))
+
+
+def markers(run_dir: Path) -> list[str]:
+    folder = run_dir / "trials"
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def pids_matching(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def ray_gone(timeout: float = 30) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if not pids_matching("raylet") and not pids_matching("gcs_server"):
+            return True
+        time.sleep(0.5)
+    return False
