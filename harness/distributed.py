@@ -146,6 +146,16 @@ def sampled_params(config: dict) -> dict:
     return {k.replace("|", "."): v for k, v in config.get("hp", {}).items()}
 
 
+def _stop_requested() -> bool:
+    """Whether Tune asked this trial to stop (its session's stop event; Ray-internal, guarded)."""
+    try:
+        from ray.train._internal.session import get_session
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except Exception:
+        return False
+
+
 def finished_rows(store, trial_id: str, cell_id: str, cfg_hash: str):
     """Rows of a successful earlier run of this trial (or of the same cell and config), or None."""
     df = store.read()
@@ -236,6 +246,8 @@ def run_trial(config: dict) -> None:
     except StageFailed as exc:
         outputs[stage] = exc.output
     except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
+        if _stop_requested():  # Tune (ASHA) is stopping this trial and its Train run died with it:
+            return             # the driver records it as stopped (harness.runner.record_unfinished)
         outputs[stage] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".strip()[:500],
                           "traceback": traceback.format_exc()}
     rows = rows_for_trial(run, cell, trial_id, outputs, wall_s=time.time() - t0)

@@ -74,14 +74,26 @@ def _driver_log(run_dir: Path) -> None:
 
 
 def record_unfinished(grids, run: dict, store: ResultStore) -> None:
-    """Trials that never wrote rows (ASHA stopped them, or the trial actor died) get one row each."""
+    """Trials that never wrote rows (ASHA stopped them, or the trial actor died) get one row each.
+
+    A trial the scheduler stopped never made its end-of-trial report (which carries
+    ``status``). If its Train run died under the stop before the trial actor did, the
+    trial may have written "failed" rows: the scheduler's decision wins, they become
+    one "stopped" row.
+    """
+    df = store.read()
     for grid in grids:
         for result in grid:
             cfg = result.config or {}
-            trial_id = (result.metrics or {}).get("trial_id", "")  # Tune adds it to every result
-            if not trial_id or not cfg or trial_id in store.trial_ids() or store.retired(trial_id):
-                continue
             metrics = result.metrics or {}
+            trial_id = metrics.get("trial_id", "")  # Tune adds it to every result
+            if not trial_id or not cfg or store.retired(trial_id):
+                continue
+            stopped = result.error is None and "status" not in metrics
+            if trial_id in store.trial_ids():
+                mine = df[df["trial_id"] == trial_id]
+                if not (stopped and (mine["status"] == "failed").any()):
+                    continue
             if result.error is None:
                 reason = f"stopped early by the scheduler at epoch {metrics.get('epoch', 0)}"
                 status = "stopped"
