@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.common import peak_rss_mb, random_detection_batch, status_mb
+from benchmarks.common import memory_in_subprocess, peak_memory, random_detection_batch
 
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import StageContext
@@ -66,23 +65,12 @@ def measure_memory(variant: str) -> dict:
     device = _device()
     ctx = _ctx(device)
     images, targets = random_detection_batch(BATCH, SIZE, CLASSES, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = status_mb("VmRSS")
-    method, stage, model = _build(variant, ctx)
-    for _ in range(MEM_STEPS):
-        _step(method, stage, model, images, targets, ctx)
-    if device.type == "cuda":
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "cuda max_memory_allocated"}
-    return {"peak_mb": peak_rss_mb() - base, "kind": "peak RSS growth"}
 
-
-def _memory_in_subprocess(variant: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_defeat", "--memory", variant],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    def run():
+        method, stage, model = _build(variant, ctx)
+        for _ in range(MEM_STEPS):
+            _step(method, stage, model, images, targets, ctx)
+    return peak_memory(device, run)
 
 
 def main() -> None:
@@ -103,7 +91,7 @@ def main() -> None:
     if device.type == "cuda":
         mem = {v: measure_memory(v) for v in VARIANTS}
     else:
-        mem = {v: _memory_in_subprocess(v) for v in VARIANTS}
+        mem = {v: memory_in_subprocess("benchmarks.bench_defeat", v) for v in VARIANTS}
     kind = mem[VARIANTS[0]]["kind"]
     print(f"device {device}; student resnet18-FPN64 faster_rcnn, teacher resnet50, batch {BATCH}, {SIZE} px, "
           f"1 thread; step = forward + backward")

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.common import peak_rss_mb, random_detection_batch, status_mb
+from benchmarks.common import memory_in_subprocess, peak_memory, random_detection_batch
 from harness.config import DetectorSpec
 from harness.models import build_detector
 from methods.fctl import eansdl
@@ -74,24 +73,14 @@ def measure_memory(variant: str) -> dict:
     """Peak extra memory of one EANSDL forward + backward (call in a fresh process on CPU)."""
     device = _device()
     ideal, degraded = _features(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = status_mb("VmRSS")
-    _loss_step(ideal, degraded, reference=variant == "reference")
-    if device.type == "cuda":
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "cuda max_memory_allocated"}
-    return {"peak_mb": peak_rss_mb() - base, "kind": "peak RSS growth"}
+    return peak_memory(device, lambda: _loss_step(ideal, degraded, reference=variant == "reference"))
 
 
 def _memory_in_subprocess(variant: str) -> dict:
     # Large blocks straight from / back to the OS, so the peak RSS is the peak of live tensors,
     # not of glibc's heap reuse.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_fctl", "--memory", variant],
-                         capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return memory_in_subprocess("benchmarks.bench_fctl", variant,
+                                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 def main() -> None:

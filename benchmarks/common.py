@@ -1,7 +1,10 @@
 """Helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 
 import torch
 
@@ -38,3 +41,24 @@ def peak_rss_mb() -> float:
     """
     hwm = status_mb("VmHWM")
     return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(device: torch.device, run) -> dict:
+    """Peak extra memory while ``run()`` executes: on CUDA ``max_memory_allocated`` growth, on CPU
+    the growth of this process's peak RSS (call in a fresh process, see :func:`memory_in_subprocess`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = status_mb("VmRSS")
+    run()
+    if device.type == "cuda":
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "cuda max_memory_allocated"}
+    return {"peak_mb": peak_rss_mb() - base, "kind": "peak RSS growth"}
+
+
+def memory_in_subprocess(module: str, variant: str, env: dict | None = None) -> dict:
+    """Run ``python -m module --memory variant`` (which prints :func:`peak_memory`'s dict as JSON last)."""
+    out = subprocess.run([sys.executable, "-m", module, "--memory", variant], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -154,6 +154,7 @@ class Method:
         return model(images, targets)
 
     def detector_of(self, model: nn.Module) -> nn.Module:
+        model = getattr(model, "module", model)  # DDP-wrapped
         return getattr(model, "detector", model)
 
     def epoch_metrics(self, stage: str, model: nn.Module, ctx: StageContext) -> dict[str, float]:

@@ -36,8 +36,8 @@ class SweepProgress(Callback):
         self._postfix()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not self.enabled or "train/loss" not in result:
-            return
+        if not self.enabled or "train/loss" not in result or "status" in result:
+            return  # only the per-epoch reports, not the trial's closing summary
         ap = result.get("AP50", math.nan)
         self.bar.write(f"  {_cell(trial)}  {result.get('stage', '')} epoch {result['epoch']}"
                        f"/{trial.config['cell']['schedule']['epochs']}  loss {result['train/loss']:.3f}"

@@ -397,10 +397,6 @@ class DeFeat(Method):
             return model(images, targets)
         return model(images, targets, weight=self.distill_weight(ctx))
 
-    def detector_of(self, model: nn.Module) -> nn.Module:
-        model = getattr(model, "module", model)  # DDP
-        return getattr(model, "detector", model)
-
     def search_space(self) -> dict:
         return {"alpha_obj": {"loguniform": [0.5, 16.0]}, "alpha_bg": {"loguniform": [2.0, 64.0]},
                 "beta_bg": {"loguniform": [0.5, 8.0]}}

@@ -319,7 +319,7 @@ class CorrectiveModel(nn.Module):
             raise ConfigError(f"levels {list(self.levels)} but the FPN has {len(own)} levels", field="levels")
         value = sum(eansdl(ideal_feats[k], own[k], k, r0=self.r0, lambda_omega=self.lambda_omega,
                            progress=progress, alpha=self.alpha, beta=self.beta) for k in self.levels)
-        self.stats["eansdl"] += float(value.detach())
+        self.stats["eansdl"] = self.stats["eansdl"] + value.detach()  # a tensor: no host sync per step
         self.stats["decay"] += decay(progress, self.alpha, self.beta)
         self.stats["steps"] += 1
         losses["eansdl"] = self.lambda_fs * value
@@ -433,17 +433,13 @@ class FCTL(Method):
             return model(images, targets)
         return model(images, targets, progress=ctx.progress)
 
-    def detector_of(self, model: nn.Module) -> nn.Module:
-        model = getattr(model, "module", model)  # DDP
-        return getattr(model, "detector", model)
-
     def epoch_metrics(self, stage: str, model: nn.Module, ctx: StageContext) -> dict[str, float]:
         """Mean EANSDL (summed over levels, decay included, before lambda_fs) and decay of the epoch."""
         model = getattr(model, "module", model)
         stats = getattr(model, "stats", None)
         if not stats or not stats["steps"]:
             return {}
-        out = {"fctl/eansdl": stats["eansdl"] / stats["steps"], "fctl/decay": stats["decay"] / stats["steps"]}
+        out = {"fctl/eansdl": float(stats["eansdl"]) / stats["steps"], "fctl/decay": stats["decay"] / stats["steps"]}
         model.reset_stats()
         return out
 

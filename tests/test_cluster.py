@@ -20,18 +20,12 @@ from pathlib import Path
 import pytest
 
 from harness.results import ResultStore
-from faultkit import checkpoints, markers, pids_matching, wait_for
+from runkit import TINY_DATA, checkpoints, markers, pids_matching, wait_for
 
 SUITE = """
 name: cluster
 smoke: true
-datasets:
-  - name: tiny
-    format: coco
-    train: {{annotations: {train_annotations}, images: {train_images}}}
-    val: {{annotations: {val_annotations}, images: {val_images}}}
-detector: {{fpn_width: 16, image_size: 64}}
-methods:
+""" + TINY_DATA + """methods:
   - name: faster_rcnn
 seeds: {seeds}
 schedule: {{epochs: {epochs}, batch_size: 4, warmup_iters: 2}}

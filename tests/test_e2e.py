@@ -8,15 +8,7 @@ import pytest
 from harness.leaderboard import render_leaderboard
 from harness.results import ResultStore, validate_frame
 from harness.runner import run_suite
-
-TINY_DATA = """
-datasets:
-  - name: tiny
-    format: coco
-    train: {{annotations: {train_annotations}, images: {train_images}}}
-    val: {{annotations: {val_annotations}, images: {val_images}}}
-detector: {{fpn_width: 16, image_size: 64}}
-"""
+from runkit import TINY_DATA
 
 SUITE = """
 name: micro
@@ -76,6 +68,9 @@ def test_leaderboard_written(micro_run):
     assert (run_dir / "leaderboard.csv").exists()
     html = render_leaderboard(ResultStore(run_dir).read(), "html")
     assert "<table" in html
+    row = next(line for line in text.splitlines() if line.startswith("| faster_rcnn[diverging]")
+               or line.startswith("| diverging"))
+    assert row.rstrip(" |").endswith("| 1")          # the NaN trial counted in "failed"
 
 
 def test_corruption_condition_rows_and_robustness(micro_run):

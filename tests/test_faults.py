@@ -10,25 +10,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from faultkit import checkpoints, markers, pids_matching, ray_gone, wait_for
+from runkit import TINY_DATA, checkpoints, markers, pids_matching, ray_gone, wait_for
 from harness.results import ResultStore
 from harness.status import run_status
 
 SUITE = """
 name: faults
 smoke: true
-datasets:
-  - name: tiny
-    format: coco
-    train: {{annotations: {train_annotations}, images: {train_images}}}
-    val: {{annotations: {val_annotations}, images: {val_images}}}
-detector: {{fpn_width: 16, image_size: 64}}
-methods:
+""" + TINY_DATA + """methods:
   - name: faster_rcnn
 seeds: {seeds}
 schedule: {{epochs: {epochs}, batch_size: 4, warmup_iters: 2}}

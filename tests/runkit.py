@@ -1,4 +1,5 @@
-"""Helpers of the fault-injection tests: wait for run-directory states, find and kill Ray processes."""
+"""Helpers of the tests that run detbench for real: the tiny dataset block of their suites, waiting
+for run-directory states, finding and killing Ray processes."""
 from __future__ import annotations
 
 import subprocess
@@ -6,6 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+#: The ``datasets:`` + ``detector:`` block of the test suites (``str.format`` with the ``tiny_data`` fixture).
+TINY_DATA = """
+datasets:
+  - name: tiny
+    format: coco
+    train: {{annotations: {train_annotations}, images: {train_images}}}
+    val: {{annotations: {val_annotations}, images: {val_images}}}
+detector: {{fpn_width: 16, image_size: 64}}
+"""
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):
