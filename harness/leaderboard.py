@@ -137,6 +137,27 @@ def _shared_stage_aliases(done: pd.DataFrame, label: pd.Series) -> dict[str, str
     return aliases
 
 
+def drop_shared_stage_duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without the repeated copies of a shared earlier stage (one entry's rows kept).
+
+    For tables that name rows by entry (the robustness table), where
+    :func:`_shared_stage_aliases`' relabelling does not apply.
+    """
+    if df.empty or "stage" not in df.columns:
+        return df
+    label = pd.Series([f"{_label(m, v)} ({st})" for m, v, st in zip(df["method"], df["variant"], df["stage"])],
+                      index=df.index)
+    done = (df["epoch"].isna() & (df["status"] == "ok")).to_numpy()
+    groups: dict[str, list[str]] = {}
+    for lab, name in _shared_stage_aliases(df[done], label[done]).items():
+        groups.setdefault(name, []).append(lab)
+    drop = set()
+    for name, labs in groups.items():
+        keep = name if name in set(label) else min(labs, key=lambda s: (len(s), s))
+        drop |= set(labs) - {keep}
+    return df[~label.isin(drop)]
+
+
 def _baseline_row(lab: str, baselines: dict[str, str], rows) -> str | None:
     """The row ``lab`` is compared with: its own baseline, else its entry's; same stage if staged.
 

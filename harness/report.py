@@ -28,13 +28,16 @@ def robustness_table(df: pd.DataFrame) -> str:
     """Markdown P / mPC / rPC table, or '' when only clean was evaluated."""
     if not (df["condition"] != "clean").any():
         return ""
-    rob = robustness_metrics(df)
+    from harness.leaderboard import drop_shared_stage_duplicates
+    rob = robustness_metrics(drop_shared_stage_duplicates(df))
     if rob.empty:
         return ""
     fams = [c for c in rob.columns if c.startswith("mPC_") and c != "mPC_all" and rob[c].notna().any()]
     head = ["method", "dataset", "P", "mPC", "rPC %"] + [f.replace("mPC_", "") for f in fams]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    multi = rob.groupby("method")["stage"].transform("nunique") > 1 if "stage" in rob.columns else None
+    # stage named for every entry of a multi-stage method (fctl[degraded_only] (corrective))
+    multi = (rob.groupby(rob["method"].str.split("[").str[0])["stage"].transform("nunique") > 1
+             if "stage" in rob.columns else None)
     for i, r in rob.iterrows():
         rpc = "—" if pd.isna(r["rPC"]) else f"{r['rPC'] * 100:.1f}"
         name = r["method"] + (f" ({r['stage']})" if multi is not None and multi[i] else "")

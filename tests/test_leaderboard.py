@@ -194,3 +194,18 @@ def test_shared_earlier_stage_is_one_row_and_stages_compare_with_their_like():
     other = [{**r, "config_hash": r["config_hash"] + "x"} if r["variant"] and r["stage"] == "ideal" else r
              for r in rows]
     assert "fctl[degraded_only] (ideal)" in build_leaderboard(pd.DataFrame(other), metrics=("AP",)).index
+
+
+def test_robustness_table_shows_a_shared_stage_once():
+    import pandas as pd
+
+    from harness.report import robustness_table
+    rows = []
+    for variant in ("", "degraded_only"):
+        for stage, hash_, value in (("ideal", "ideal-0", 0.40), ("corrective", variant or "fctl", 0.30)):
+            for cond, sev, v in (("clean", 0, value), ("fog", 3, value / 2)):
+                rows.append({**_final_row("fctl", 0, v, stage=stage), "variant": variant, "config_hash": hash_,
+                             "condition": cond, "severity": sev})
+    text = robustness_table(pd.DataFrame(rows))
+    names = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| fctl")]
+    assert sorted(names) == ["fctl (corrective)", "fctl (ideal)", "fctl[degraded_only] (corrective)"]
