@@ -17,7 +17,7 @@ from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
 
 #: Per-epoch metrics worth a plot: prefix -> title.
 CURVES = {"umop/gamma_ad/": "UMOP gamma_ad per level", "umop/alpha_ad/": "UMOP alpha_ad per level",
-          "fctl/": "FCTL: EANSDL (before lambda_fs) and decay D(progress)", "train/byol": "SoCo pretraining loss"}
+          "fctl/": "FCTL EANSDL and decay", "train/byol": "SoCo pretraining loss"}
 
 
 def _fmt(v) -> str:
