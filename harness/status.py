@@ -19,7 +19,8 @@ from harness.results import ResultStore
 
 def driver_state(run_dir: Path) -> str:
     """'running' (driver alive), 'finished', or 'stopped' (driver gone before the end)."""
-    path = run_dir / "driver.json"
+    from harness.runner import DRIVER_FILE
+    path = run_dir / DRIVER_FILE
     if not path.is_file():
         return "stopped"
     d = json.loads(path.read_text())
