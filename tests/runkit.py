@@ -2,6 +2,7 @@
 for run-directory states, finding and killing Ray processes."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +32,15 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 def checkpoints(run_dir: Path, trial_id: str) -> list[Path]:
-    return sorted((run_dir / "train" / f"{trial_id}-train").glob("checkpoint_2*"))
+    """The epoch checkpoints Ray Train has registered (a restarted worker group resumes from
+    these), per its snapshot file; a folder still being uploaded does not count yet."""
+    folder = run_dir / "train" / f"{trial_id}-train"
+    try:
+        snapshot = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    return [folder / n for n in names if (folder / n / "state.json").is_file()]
 
 
 def markers(run_dir: Path) -> list[str]:
