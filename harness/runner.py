@@ -161,10 +161,14 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
            "resources": suite.resources.model_dump(), "versions_json": json.dumps(versions),
            "git_sha": manifest["git_sha"]}
     atomic_write_json({"run": run, "cells": cells}, run_dir / RUN_FILE)
-    n_trials = sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells)
-    print(f"detbench: {len(cells)} cell(s), {n_trials} trial(s), up to {concurrency} at once; "
+    print(f"detbench: {len(cells)} cell(s), {count_trials(cells)} trial(s), up to {concurrency} at once; "
           f"run directory {run_dir}")
     return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress)
+
+
+def count_trials(cells: list[dict]) -> int:
+    """Trials a sweep of ``cells`` runs: one per plain cell, ``num_samples`` per searched one."""
+    return sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
@@ -222,8 +226,7 @@ def _sweep_and_report(run_dir: Path, run: dict, cells: list[dict], concurrency: 
               "started": datetime.now(timezone.utc).isoformat(), "finished": None}
     atomic_write_json(driver, run_dir / DRIVER_FILE)
     store = ResultStore(run_dir)
-    n_trials = sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells) + len(retry)
-    bar = SweepProgress(n_trials, enabled=progress)
+    bar = SweepProgress(count_trials(cells) + len(retry), enabled=progress)
     bar.bar.update(len(store.trial_ids()) if resume else 0)
     t0 = time.time()
     try:

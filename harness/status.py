@@ -50,7 +50,7 @@ def run_status(run_dir: str | Path) -> dict:
         except (OSError, ValueError):
             continue
         started.setdefault(m["cell"], set()).add(m["trial_id"])
-    out = []
+    out, counts = [], {}
     for cell in cells:
         cid = cell["cell_id"]
         rows = df[df["cell"] == cid] if len(df) else df
@@ -68,16 +68,16 @@ def run_status(run_dir: str | Path) -> dict:
         states = [s for s, _ in per_trial.values()] + [live] * len(unfinished)
         states += ["pending"] * max(0, expected - len(states))
         order = ("failed", "interrupted", "running", "pending", "stopped", "done")
-        state = next(s for s in order if s in states) if states else "pending"
-        if cell.get("search") or expected > 1:
+        if cell.get("search") or expected > 1:  # a search: counted per trial
             state = ", ".join(f"{states.count(s)} {s}" for s in order if s in states)
+            tally = states
+        else:                                   # a plain cell: its most telling trial state
+            state = next(s for s in order if s in states)
+            tally = [state]
+        for s in tally:
+            counts[s] = counts.get(s, 0) + 1
         detail = "; ".join(r for s, r in per_trial.values() if s == "failed" and r)
         out.append({"cell": cid, "state": state, "trials": len(per_trial) + len(unfinished), "detail": detail})
-    counts: dict[str, int] = {}
-    for c in out:
-        for part in c["state"].split(", "):
-            n, _, s = part.partition(" ") if part[0].isdigit() else ("1", "", part)
-            counts[s] = counts.get(s, 0) + int(n)
     return {"run_dir": str(run_dir), "driver": driver, "cells": out, "counts": counts}
 
 

@@ -3,7 +3,9 @@ for run-directory states, finding and killing Ray processes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,16 @@ datasets:
     val: {{annotations: {val_annotations}, images: {val_images}}}
 detector: {{fpn_width: 16, image_size: 64}}
 """
+
+
+#: ``detbench`` as a subprocess of the test (its own driver, killable on its own).
+DETBENCH = [sys.executable, "-m", "harness.cli"]
+
+
+def start_detbench(args: list[str], log: Path) -> subprocess.Popen:
+    """``detbench ARGS`` in the background, output to ``log``, in its own session (kill-safe)."""
+    return subprocess.Popen(DETBENCH + args, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):

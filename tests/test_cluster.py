@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.results import ResultStore
-from runkit import TINY_DATA, checkpoints, markers, pids_matching, wait_for
+from runkit import DETBENCH, TINY_DATA, start_detbench, checkpoints, markers, pids_matching, wait_for
 
 SUITE = """
 name: cluster
@@ -32,7 +32,6 @@ schedule: {{epochs: {epochs}, batch_size: 4, warmup_iters: 2}}
 resources: {{workers_per_trial: 2, cpus_per_worker: {cpus}, placement_strategy: SPREAD, max_failures: 2,
              max_concurrent_trials: 1}}
 """
-DETBENCH = [sys.executable, "-m", "harness.cli"]
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
 
 
@@ -76,11 +75,6 @@ def _resumes(checkpoint: Path) -> int:
         return 0
 
 
-def _run(args, log: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen(DETBENCH + args, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, **kw)
-
-
 @pytest.mark.timeout(240)
 def test_trials_and_ddp_workers_spread_over_both_worker_nodes(cluster, tmp_path, tiny_data):
     suite = tmp_path / "s.yaml"
@@ -91,7 +85,7 @@ def test_trials_and_ddp_workers_spread_over_both_worker_nodes(cluster, tmp_path,
     assert "node_a=1" in info.stdout and "node_b=1" in info.stdout and "fits: up to 1 trial" in info.stdout
     t0 = time.time()
     log = tmp_path / "driver.log"
-    proc = _run(["run", str(suite), "--address", cluster.address, "--out", str(tmp_path / "runs"),
+    proc = start_detbench(["run", str(suite), "--address", cluster.address, "--out", str(tmp_path / "runs"),
                  "--name", "spread", "--quiet"], log)
     assert proc.wait(200) == 0, log.read_text()[-3000:]
     print(f"\n2 trials x 2 DDP workers over 2 nodes: {time.time() - t0:.0f} s")
@@ -126,7 +120,7 @@ def test_worker_node_killed_mid_trial_is_survived(cluster, tmp_path, tiny_data):
     suite.write_text(SUITE.format(seeds="[0]", epochs=10, cpus=0.99, **tiny_data))
     run_dir = tmp_path / "runs" / "kill"
     log = tmp_path / "driver.log"
-    proc = _run(["run", str(suite), "--address", cluster.address, "--out", str(tmp_path / "runs"),
+    proc = start_detbench(["run", str(suite), "--address", cluster.address, "--out", str(tmp_path / "runs"),
                  "--name", "kill", "--quiet"], log)
     wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
               "the first epoch checkpoint", proc, log)

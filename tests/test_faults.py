@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from runkit import TINY_DATA, checkpoints, markers, pids_matching, ray_gone, wait_for
+from runkit import DETBENCH, TINY_DATA, start_detbench, checkpoints, markers, pids_matching, ray_gone, wait_for
 from harness.results import ResultStore
 from harness.status import run_status
 
@@ -27,13 +25,6 @@ seeds: {seeds}
 schedule: {{epochs: {epochs}, batch_size: 4, warmup_iters: 2}}
 resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials: 1, max_failures: 1}}
 """
-DETBENCH = [sys.executable, "-m", "harness.cli"]
-
-
-def _start(args, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(DETBENCH + args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
 
 
 @pytest.mark.timeout(300)
@@ -42,7 +33,7 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data):
     suite.write_text(SUITE.format(seeds="[0, 1]", epochs=4, **tiny_data))
     run_dir = tmp_path / "runs" / "r"
     log = tmp_path / "driver.log"
-    proc = _start(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet"], log)
+    proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet"], log)
     store = ResultStore(run_dir)
     # first trial finished, the second has checkpointed at least one epoch
     wait_for(lambda: len(store.trial_ids()) == 1 and len(markers(run_dir)) == 2
@@ -76,7 +67,7 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     suite.write_text(SUITE.format(seeds="[0]", epochs=12, **tiny_data))  # still training when killed
     run_dir = tmp_path / "runs" / "w"
     log = tmp_path / "driver.log"
-    proc = _start(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w", "--quiet"], log)
+    proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w", "--quiet"], log)
     wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
               "the first epoch checkpoint", proc, log)
     workers = pids_matching("ray::RayTrainWorker")
