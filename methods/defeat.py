@@ -38,7 +38,9 @@ it says something):
 * All FPN levels take part in the neck term (P2..P6 of Faster R-CNN, P3..P7 of
   RetinaNet: the paper distils "the FPN features" without excluding a level).
   Padding added by the batch transform counts as background.
-* Level assignment ``k = floor(log2(sqrt(w h) / canonical_size))`` counts from
+* Level assignment ``k = floor(log2(sqrt((w + 1)(h + 1)) / canonical_size + 1e-6))``
+  is the released code's form (SPEC.md, revised; the paper writes ``sqrt(w h)``):
+  boxes just under the 112/224/448 px boundaries go up a level. It counts from
   the FIRST available level: level 0 is P2 for Faster R-CNN (SPEC) and P3 for
   RetinaNet, i.e. on RetinaNet a 56-px box lands on P3. Box coordinates are
   those of the transformed (resized) batch.
@@ -99,8 +101,9 @@ def gt_level_masks(boxes_per_image: Sequence[Tensor], feature_sizes: Sequence[tu
     (transformed) image; ``feature_sizes[l] = (H_l, W_l)``; ``strides[l]`` the
     level's stride, level 0 the first (largest) map.
 
-    Each box is foreground on ONE level, ``k = floor(log2(sqrt(w h) / canonical))``
-    clamped to ``[0, L - 1]``; there it covers the cells
+    Each box is foreground on ONE level,
+    ``k = floor(log2(sqrt((w + 1)(h + 1)) / canonical + 1e-6))`` (the released code's
+    form) clamped to ``[0, L - 1]``; there it covers the cells
     ``[floor(x1/s), ceil(x2/s)) x [floor(y1/s), ceil(y2/s))`` clipped to the map
     and at least one cell. Other levels do not see the box (background there,
     unless another box assigned to them covers the pixels).
@@ -114,8 +117,8 @@ def gt_level_masks(boxes_per_image: Sequence[Tensor], feature_sizes: Sequence[tu
         if boxes.numel() == 0:
             continue
         b = boxes.detach().to(torch.float64).reshape(-1, 4)
-        side = ((b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)).sqrt()
-        level = torch.floor(torch.log2(side / canonical)).clamp(0, n_levels - 1)  # log2(0) = -inf -> 0
+        side = (((b[:, 2] - b[:, 0]).clamp(min=0) + 1) * ((b[:, 3] - b[:, 1]).clamp(min=0) + 1)).sqrt()
+        level = torch.floor(torch.log2(side / canonical + 1e-6)).clamp(0, n_levels - 1)
         for (x1, y1, x2, y2), k in zip(b.tolist(), level.long().tolist()):
             s = float(strides[k])
             h, w = masks[k].shape[1:]
@@ -129,13 +132,16 @@ def gt_level_masks(boxes_per_image: Sequence[Tensor], feature_sizes: Sequence[tu
 
 # --------------------------------------------------------------------------- losses
 def make_adapters(channels: int, levels: int) -> nn.ModuleList:
-    """One 3x3 conv per level, C -> C, no activation; weights N(0, 1) * 1e-4, bias 0."""
+    """One 3x3 conv per level, C -> C, no activation, initialised as the released code does.
+
+    Weights: N(0, 1) wrapped into (-2, 2) with ``fmod(2)``, times 1e-4 (so |w| < 2e-4);
+    bias: PyTorch's default init, left as it is.
+    """
     adapters = nn.ModuleList()
     for _ in range(levels):
         conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         with torch.no_grad():
-            conv.weight.normal_().mul_(1e-4)
-            conv.bias.zero_()
+            conv.weight.copy_(torch.randn_like(conv.weight).fmod(2).mul(1e-4))
         adapters.append(conv)
     return adapters
 

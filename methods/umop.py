@@ -2,10 +2,11 @@
 
 Follows SPEC.md, section "UMOP". Per FPN level ``l`` and per training step:
 
-* ``gamma_ad(l) = -log(mean p_i)`` over the level's positive anchors, ``p_i``
+* ``gamma_ad(l) = mean(-log p_i)`` over the level's positive anchors, ``p_i``
   the sigmoid probability of the anchor's GT class (``gamma_stat:
-  log_of_mean``, the paper's formula), or ``mean(-log p_i)`` (``mean_of_log``,
-  the released code); ``gamma`` when the level has no positive anchor;
+  mean_of_log``, the default: the released code's form), or ``-log(mean p_i)``
+  (``log_of_mean``, the paper's formula); ``gamma`` when the level has no
+  positive anchor;
   clamped to ``[gamma - delta, gamma + delta]``; ``alpha_ad(l) = w / gamma_ad(l)``.
   Both are plain numbers: no gradient flows through them.
 * Under DDP (``torch.distributed`` initialised, world size > 1) the per-level
@@ -15,9 +16,16 @@ Follows SPEC.md, section "UMOP". Per FPN level ``l`` and per training step:
 * The level's classification loss is ``methods.focal.focal_loss`` with
   ``(alpha_ad(l), gamma_ad(l))``, summed over the level's non-ignored anchors.
   ``level_norm: total_positives`` (default, the released code) divides the sum
-  over levels by ``max(1, positives of all levels)``; ``mean_of_levels`` (the
-  paper) averages ``level sum / max(1, level positives)`` over all levels.
-  Positive counts used for normalisation are the worker's own, as in ``focal``.
+  over levels by ``sum over images of max(1, the image's positives)`` (the
+  released code counts at least one positive per image, so a positive-free
+  image still adds 1); ``mean_of_levels`` (the paper) averages ``level sum /
+  max(1, level positives)`` over all levels. Positive counts used for
+  normalisation are the worker's own, as in ``focal``.
+* The defaults (``mean_of_log`` + ``total_positives``) are the released code's
+  configuration as a whole, the one that produced the published numbers
+  (SPEC.md, revised); the paper's forms stay selectable.
+* Under DDP the statistics are pooled sums and counts (the exact global mean);
+  the released code averages the workers' means instead.
 * Box regression is RetinaNet's, unchanged.
 
 Decisions where SPEC.md is silent (following the PFL paper / released code):
@@ -96,7 +104,7 @@ def _params_from_stats(stats: Tensor, gamma: float, delta: float, w: float,
 
 
 def adaptive_focal_params(pos_gt_probs: Tensor, *, gamma: float = 2.0, delta: float = 0.5, w: float = 0.5,
-                          gamma_stat: GammaStat = "log_of_mean") -> tuple[float, float]:
+                          gamma_stat: GammaStat = "mean_of_log") -> tuple[float, float]:
     """``(gamma_ad, alpha_ad)`` of one level from the GT-class probabilities of its positive anchors.
 
     Detached; all-reduced across workers under DDP (every worker must call it).
@@ -110,7 +118,7 @@ def adaptive_focal_params(pos_gt_probs: Tensor, *, gamma: float = 2.0, delta: fl
 
 def level_focal_params(logits_per_level: Sequence[Tensor], targets_per_level: Sequence[Tensor], *,
                        gamma: float = 2.0, delta: float = 0.5, w: float = 0.5,
-                       gamma_stat: GammaStat = "log_of_mean") -> list[tuple[float, float]]:
+                       gamma_stat: GammaStat = "mean_of_log") -> list[tuple[float, float]]:
     """``[(gamma_ad, alpha_ad)]`` of every level (same inputs as :func:`progressive_focal_loss`).
 
     Under DDP one all-reduce carries every level's statistics.
@@ -132,12 +140,16 @@ def _level_params(logits_per_level, targets_per_level, gamma, delta, w, gamma_st
 
 def progressive_focal_loss(logits_per_level: Sequence[Tensor], targets_per_level: Sequence[Tensor], *,
                            gamma: float = 2.0, delta: float = 0.5, w: float = 0.5,
-                           level_norm: LevelNorm = "total_positives", gamma_stat: GammaStat = "log_of_mean",
+                           level_norm: LevelNorm = "total_positives", gamma_stat: GammaStat = "mean_of_log",
+                           image_positives: Tensor | Sequence[int] | None = None,
                            return_params: bool = False):
     """PFL classification loss over FPN levels.
 
     ``logits_per_level[l]``: ``[N_l, C]`` logits; ``targets_per_level[l]``: one-hot
     ``[N_l, C]`` float (background rows all zero, ignored anchors removed).
+    ``image_positives``: the positive anchors of each image of the batch (all
+    levels); ``total_positives`` divides by ``sum_i max(1, n_i)`` as the released
+    code does. ``None`` counts the whole batch as one image: ``max(1, total)``.
     Returns the scalar loss, or ``(loss, [(gamma_ad, alpha_ad) per level])``
     with ``return_params=True``.
     """
@@ -149,10 +161,18 @@ def progressive_focal_loss(logits_per_level: Sequence[Tensor], targets_per_level
     sums = [focal_loss(x, t, alpha=a, gamma=g, reduction="sum")
             for x, t, (g, a) in zip(logits_per_level, targets_per_level, params)]
     if level_norm == "total_positives":
-        loss = torch.stack(sums).sum() / max(1, sum(positives))
+        loss = torch.stack(sums).sum() / total_positives_normaliser(positives, image_positives)
     else:
         loss = torch.stack([s / max(1, n) for s, n in zip(sums, positives)]).mean()
     return (loss, params) if return_params else loss
+
+
+def total_positives_normaliser(level_positives: Sequence[int], image_positives=None) -> Tensor | int:
+    """``sum_i max(1, n_i)`` over images (the released code), or ``max(1, total)`` without per-image counts."""
+    if image_positives is None:
+        return max(1, sum(level_positives))
+    counts = torch.as_tensor(image_positives)
+    return counts.clamp(min=1).sum().to(torch.float32) if counts.numel() else 1
 
 
 # --------------------------------------------------------------------------- the head
@@ -166,7 +186,7 @@ class ProgressiveFocalHead(RetinaNetClassificationHead):
     """
 
     def __init__(self, *args, gamma: float = 2.0, delta: float = 0.5, w: float = 0.5,
-                 level_norm: LevelNorm = "total_positives", gamma_stat: GammaStat = "log_of_mean", **kw):
+                 level_norm: LevelNorm = "total_positives", gamma_stat: GammaStat = "mean_of_log", **kw):
         super().__init__(*args, **kw)
         _check(gamma, delta, w, gamma_stat)
         self.gamma, self.delta, self.w = gamma, delta, w
@@ -185,14 +205,14 @@ class ProgressiveFocalHead(RetinaNetClassificationHead):
         if sum(sizes) != logits.shape[1]:
             raise RuntimeError(f"head output has {logits.shape[1]} anchors per image but forward() "
                                f"recorded {sizes} per level")
-        valid, onehot, _ = classification_targets(targets, logits, matched_idxs)
+        valid, onehot, positive = classification_targets(targets, logits, matched_idxs)
         xs, ts = [], []
         for lg, oh, v in zip(logits.split(sizes, dim=1), onehot.split(sizes, dim=1), valid.split(sizes, dim=1)):
             xs.append(lg[v])
             ts.append(oh[v])
         loss, params = progressive_focal_loss(xs, ts, gamma=self.gamma, delta=self.delta, w=self.w,
                                               level_norm=self.level_norm, gamma_stat=self.gamma_stat,
-                                              return_params=True)
+                                              image_positives=positive.sum(dim=1), return_params=True)
         self._record(params)
         return loss
 
@@ -226,7 +246,7 @@ class UMOPConfig(MethodConfig):
     delta: float = 0.5
     w: float = 0.5
     level_norm: LevelNorm = "total_positives"
-    gamma_stat: GammaStat = "log_of_mean"
+    gamma_stat: GammaStat = "mean_of_log"
 
     @model_validator(mode="after")
     def _valid_range(self) -> "UMOPConfig":

@@ -40,6 +40,7 @@ def identity_adapters(channels: int, levels: int) -> nn.ModuleList:
     with torch.no_grad():
         for conv in adapters:
             conv.weight.zero_()
+            conv.bias.zero_()
             conv.weight[torch.arange(channels), torch.arange(channels), 1, 1] = 1.0
     return adapters
 
@@ -57,8 +58,13 @@ def registered():
 
 # --------------------------------------------------------------------------- gt_level_masks
 @pytest.mark.parametrize("side_w,side_h,level", [
-    (56, 56, 0), (112, 112, 1), (111, 111, 0), (224, 224, 2), (448, 448, 3), (896, 896, 4),
-    (56, 224, 1),            # sqrt(56 * 224) = 112
+    # the released code's k = floor(log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6))
+    (56, 56, 0), (112, 112, 1), (224, 224, 2), (448, 448, 3), (896, 896, 4),
+    (111, 111, 1),           # sqrt(112 * 112) / 56 = 2 exactly: up a level (sqrt(w h) would give 0)
+    (110, 111, 0),           # sqrt(111 * 112) = 111.5 < 112
+    (64, 192, 1),            # sqrt(65 * 193) = 112.004 (sqrt(w h) = 110.9 would give 0)
+    (223, 224, 2),           # sqrt(224 * 225) = 224.5 (sqrt(w h) = 223.5 would give 1)
+    (56, 224, 1),            # sqrt(57 * 225) = 113.2
     (4, 4, 0), (1, 2, 0),    # tiny: clamped to the first level
     (1000, 1000, 4), (1024, 1024, 4),  # huge: clamped to the last level
 ])
@@ -116,7 +122,9 @@ def test_adapters_init():
     assert len(adapters) == 5
     for conv in adapters:
         assert conv.weight.shape == (16, 16, 3, 3) and conv.padding == (1, 1)
-        assert conv.bias.abs().sum() == 0 and 0 < conv.weight.std() < 3e-4
+        assert conv.weight.abs().max() <= 2e-4 and 0.5e-4 < conv.weight.std() < 1.2e-4  # fmod(2) * 1e-4
+        bound = 1 / math.sqrt(16 * 9)  # PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert conv.bias.abs().sum() > 0 and conv.bias.abs().max() <= bound
 
 
 def test_neck_loss_hand_computed():

@@ -43,7 +43,7 @@ def neutral_levels():
 # --------------------------------------------------------------------------- adaptive_focal_params
 def test_params_hand_computed():
     p = torch.tensor([0.2, 0.1])
-    g, a = adaptive_focal_params(p)
+    g, a = adaptive_focal_params(p, gamma_stat="log_of_mean")
     assert g == pytest.approx(-math.log(0.15)) and a == pytest.approx(0.5 / -math.log(0.15))
     g, a = adaptive_focal_params(p, gamma_stat="mean_of_log")
     expected = (-math.log(0.2) - math.log(0.1)) / 2
@@ -89,7 +89,8 @@ def test_neutral_point_equals_focal_total_positives(gamma_stat):
 def test_neutral_point_log_of_mean_with_unequal_probabilities():
     # mean of {0.5 e^-2, 1.5 e^-2} is e^-2: log_of_mean is neutral, mean_of_log is not
     x, t = make_level(8, 2, [(0, 0, 0.5 * P2), (5, 1, 1.5 * P2)], 4)
-    torch.testing.assert_close(progressive_focal_loss([x], [t]), focal_loss(x, t, 0.25, 2.0) / 2, rtol=1e-9, atol=0)
+    torch.testing.assert_close(progressive_focal_loss([x], [t], gamma_stat="log_of_mean"),
+                               focal_loss(x, t, 0.25, 2.0) / 2, rtol=1e-9, atol=0)
     g, _ = level_focal_params([x], [t], gamma_stat="mean_of_log")[0]
     assert g == pytest.approx(-(math.log(0.5 * P2) + math.log(1.5 * P2)) / 2) and g != pytest.approx(2.0)
 
@@ -117,6 +118,29 @@ def test_per_level_parameters(level_norm):
     sums = [focal_loss(x, t, 0.5 / g, g) for (x, t), g in zip(levels, gammas)]
     expected = sum(sums) / 4 if level_norm == "total_positives" else (sums[0] / 2 + sums[1] + sums[2]) / 3
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
+
+
+def test_default_is_mean_of_log():
+    x, t = make_level(8, 2, [(0, 0, 0.5 * P2), (5, 1, 1.5 * P2)], 4)
+    g = -(math.log(0.5 * P2) + math.log(1.5 * P2)) / 2  # mean of -log p, not -log of the mean
+    _, params = progressive_focal_loss([x], [t], return_params=True)
+    assert params == [pytest.approx((g, 0.5 / g))]
+    assert UMOP().config.gamma_stat == "mean_of_log"
+
+
+def test_total_positives_counts_at_least_one_per_image():
+    # a batch of two images: image 0 has 3 positives, image 1 none -> released code divides by 3 + 1 = 4
+    levels = neutral_levels()
+    xs, ts = [x for x, _ in levels], [t for _, t in levels]  # 6 positives in all
+    per_image = torch.tensor([6, 0])
+    loss = progressive_focal_loss(xs, ts, image_positives=per_image)
+    focal_sum = focal_loss(torch.cat(xs), torch.cat(ts), alpha=0.25, gamma=2.0)
+    torch.testing.assert_close(loss, focal_sum / 7, rtol=1e-9, atol=0)
+    torch.testing.assert_close(progressive_focal_loss(xs, ts, image_positives=[3, 3]), focal_sum / 6,
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(progressive_focal_loss(xs, ts, image_positives=[0, 0]), focal_sum / 2,
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(progressive_focal_loss(xs, ts), focal_sum / 6, rtol=1e-9, atol=0)  # one image
 
 
 def test_no_gradient_through_gamma_ad():
@@ -206,7 +230,7 @@ def test_head_splits_levels_and_drops_ignored_anchors():
     targets = [{"labels": torch.tensor([1, 0])}, {"labels": torch.tensor([2])}]
     matched = [torch.tensor([0, -1, -1, -2, 1]), torch.tensor([-1, -1, 0, -1, -1])]
     loss = head.compute_loss(targets, {"cls_logits": logits}, matched)
-    g0 = -math.log((P2 + math.exp(-1.8)) / 2)
+    g0 = (2.0 + 1.8) / 2  # the default gamma_stat: mean of -log p
     lvl0_x = torch.cat([logits[0, :3], logits[1, :4]])
     lvl0_t = torch.zeros(7, 3, dtype=torch.float64)
     lvl0_t[0, 1] = lvl0_t[5, 2] = 1
@@ -216,6 +240,12 @@ def test_head_splits_levels_and_drops_ignored_anchors():
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
     assert head.pop_epoch_params() == [pytest.approx((g0, 0.5 / g0)), pytest.approx((2.5, 0.2))]
     assert head.pop_epoch_params() == []
+    # image 1 without positives: the normaliser counts it as one (2 + 1), not the batch total 2
+    matched[1] = torch.tensor([-1, -1, -1, -1, -1])
+    lvl0_t[5, 2] = 0
+    loss = head.compute_loss(targets, {"cls_logits": logits}, matched)
+    expected = (focal_loss(lvl0_x, lvl0_t, 0.25, 2.0) + focal_loss(lvl1_x, lvl1_t, 0.2, 2.5)) / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
 
 
 TINY = DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64)
@@ -248,7 +278,7 @@ def test_model_trains_one_step_and_reports_per_level_params():
 def test_config_defaults_validation_and_search_space():
     cfg = UMOPConfig()
     assert (cfg.gamma, cfg.delta, cfg.w, cfg.level_norm, cfg.gamma_stat, cfg.variant) == \
-        (2.0, 0.5, 0.5, "total_positives", "log_of_mean", "")
+        (2.0, 0.5, 0.5, "total_positives", "mean_of_log", "")  # the released code's configuration
     assert UMOP({"variant": "mean_of_levels", "level_norm": "mean_of_levels"}).variant == "mean_of_levels"
     for bad in ({"level_norm": "sum"}, {"gamma_stat": "median"}, {"delta": 2.0}, {"delta": -0.1},
                 {"w": 2.0}, {"unknown": 1}):
