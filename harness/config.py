@@ -38,7 +38,7 @@ class SyntheticSpec(Strict):
     """Parameters of the built-in synthetic shapes data (written as real COCO files)."""
     train_images: int = Field(160, ge=1)
     val_images: int = Field(48, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     image_size: int = Field(128, ge=32)
     max_objects: int = Field(4, ge=1)
     kind: Literal["coco", "visdrone"] = "coco"  # written in that dataset's real file format
@@ -47,6 +47,7 @@ class SyntheticSpec(Strict):
 class DatasetSpec(Strict):
     name: str
     format: Literal["coco", "visdrone", "synthetic"] = "coco"
+    repeat: int = Field(1, ge=1)  # the train split N times per epoch (mmdet's RepeatDataset)
     train: SplitSpec | None = None
     val: SplitSpec | None = None
     synthetic: SyntheticSpec | None = None
@@ -85,8 +86,15 @@ class DetectorSpec(Strict):
     """The detector every method of the suite builds on (a method may override fields)."""
     arch: Literal["faster_rcnn", "retinanet"] | None = None  # None: the method's own
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3"] = "resnet18"
-    fpn_width: int = Field(64, ge=8)
-    image_size: int = Field(128, ge=32)
+    fpn_width: int = Field(64, ge=8)   # the neck's width (every pyramid level)
+    neck: str = "fpn"                  # a neck plugin (harness.necks): fpn, none, cfpt, ...
+    neck_config: dict[str, Any] = Field(default_factory=dict)  # validated by the neck's own Config
+    image_size: int = Field(128, ge=32)  # shorthand for min_size = max_size = image_size (square inputs)
+    # Keep-ratio resizing as torchvision/detectron2 do it: the shorter side to min_size (one picked at
+    # random per batch when a list: multi-scale training; the largest at test time), the longer at most
+    # max_size. Unset: image_size.
+    min_size: int | list[int] | None = None
+    max_size: int | None = None
     norm: Literal["bn", "gn", "frozen_bn"] = "bn"
     init_checkpoint: str | None = None  # local file, loaded with weights_only=True
     rpn_batch_size_per_image: int = 128
@@ -94,6 +102,26 @@ class DetectorSpec(Strict):
     detections_per_img: int = 100
     retina_fg_iou: float = 0.5  # RetinaNet anchor matcher (torchvision's defaults)
     retina_bg_iou: float = 0.4
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DetectorSpec":
+        sizes = self.min_sizes
+        if not sizes or any(not isinstance(v, int) or v < 32 for v in sizes):
+            raise ValueError(f"min_size must be an integer >= 32 or a non-empty list of them, got {self.min_size!r}")
+        if max(sizes) > self.resize_max:
+            raise ValueError(f"min_size {max(sizes)} is larger than max_size {self.resize_max}")
+        return self
+
+    @property
+    def min_sizes(self) -> tuple[int, ...]:
+        """Shorter-side sizes (training picks one per batch; evaluation uses the last)."""
+        if self.min_size is None:
+            return (self.image_size,)
+        return tuple(self.min_size) if isinstance(self.min_size, list) else (self.min_size,)
+
+    @property
+    def resize_max(self) -> int:
+        return self.max_size if self.max_size is not None else max(self.image_size, *self.min_sizes)
 
 
 class ScheduleSpec(Strict):
@@ -104,9 +132,34 @@ class ScheduleSpec(Strict):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = Field(50, ge=0)
-    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    # Linear warm-up from this factor of the lr (torchvision references: 0.001); None: from 1/warmup_iters.
+    warmup_factor: float | None = Field(None, ge=0, le=1)
+    # cosine; step (x0.1 at 2/3 and 8/9 of training); multistep (x lr_gamma after each epoch of
+    # lr_steps, as the references' MultiStepLR); constant.
+    lr_schedule: Literal["cosine", "step", "multistep", "constant"] = "cosine"
+    lr_steps: list[int] = Field(default_factory=list)
+    lr_gamma: float = Field(0.1, gt=0)
+    # lr is given for this total batch (e.g. 16 in the references); the real total batch scales it
+    # linearly (Goyal et al.). None: lr is used as given.
+    lr_reference_batch: int | None = Field(None, ge=1)
+    # Weight decay of normalisation layers and of parameters a module declares decay-free
+    # (``no_weight_decay()``, e.g. relative position tables); None: weight_decay for all.
+    norm_weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = 10.0
     eval_every: int = Field(1, ge=1)  # validation AP every N epochs (and always at the end)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "ScheduleSpec":
+        if self.lr_schedule == "multistep" and not self.lr_steps:
+            raise ValueError("lr_schedule multistep needs lr_steps (epochs after which lr *= lr_gamma)")
+        if any(not 0 < e <= self.epochs for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
+            raise ValueError(f"lr_steps must be ascending epochs in 1..{self.epochs}, got {self.lr_steps}")
+        return self
+
+    @property
+    def base_lr(self) -> float:
+        """The lr at the end of warm-up, after the linear scaling rule."""
+        return self.lr * (self.batch_size / self.lr_reference_batch if self.lr_reference_batch else 1.0)
 
 
 Distribution = dict[Literal["uniform", "loguniform", "randint", "choice"], list[Any]]
@@ -216,23 +269,64 @@ def format_validation_error(err: ValidationError, file: str, model: type[BaseMod
         expected = e.get("ctx", {}).get("expected", "")
         options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
         msg += _suggest(e["input"], options)
+    elif isinstance(e.get("input"), (int, float, str, bool)) and e["type"] != "missing":
+        msg = f"{msg}, got {e['input']!r}"  # the value as the user wrote it
     more = len(err.errors()) - 1
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
     return ConfigError(msg, file=file, field=path or None)
 
 
-def load_suite(path: str | Path, *, check_paths: bool = True) -> Suite:
-    """Read, validate and resolve a suite file; raise :class:`ConfigError` on any problem."""
+#: Largest YAML document (in nodes, every alias counted as the copy it stands for) we read:
+#: a real suite has a few hundred; an alias chain ("billion laughs") has billions.
+YAML_MAX_NODES = 100_000
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of ``node`` with every alias expanded (a composed YAML graph shares aliased nodes)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once: safe_load refuses it later anyway
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > YAML_MAX_NODES:
+            break
+    memo[key] = total
+    return total
+
+
+def read_yaml(path: str | Path, *, what: str = "file"):
+    """``yaml.safe_load`` of ``path`` with a size limit on the alias-expanded document.
+
+    The one way this project reads YAML: errors are :class:`ConfigError` naming the
+    file (and line/column), never a traceback or an exhausted memory.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("suite file not found", file=path)
+        raise ConfigError(f"{what} not found", file=path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > YAML_MAX_NODES:
+            raise ConfigError(f"the document expands to more than {YAML_MAX_NODES:,} values (an alias "
+                              "chain?); refusing to read it", file=path)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{where}invalid YAML: {getattr(exc, 'problem', exc)}", file=path) from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"cannot read as YAML: {type(exc).__name__}", file=path) from None
+
+
+def load_suite(path: str | Path, *, check_paths: bool = True) -> Suite:
+    """Read, validate and resolve a suite file; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    raw = read_yaml(path, what="suite file")
     if not isinstance(raw, dict):
         raise ConfigError("a suite must be a mapping of keys", file=path)
     raw.setdefault("name", path.stem)
@@ -280,9 +374,12 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                 model.model_validate({**base_spec.model_dump(), **getattr(m, key)})
             except ValidationError as err:
                 raise format_validation_error(err, str(path), model, ("methods", i, key)) from None
+        check_neck(detector_for(suite, m), method, path, m.detector, i)
         if m.search:
-            for key in m.search.space:
-                method.check_search_key(key, file=str(path), field=f"methods[{i}].search.space.{key}")
+            for key, dist in m.search.space.items():
+                field = f"methods[{i}].search.space.{key}"
+                method.check_search_key(key, file=str(path), field=field)
+                check_distribution(dist, _field_checker(suite, m, method, key), file=str(path), field=field)
     labels = [method_label(m) for m in suite.methods]
     dup = {lab for lab in labels if labels.count(lab) > 1}
     if dup:
@@ -295,6 +392,73 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                               file=path, field=f"methods[{i}].baseline")
     data_cache = suite.data_cache and _resolve_path(suite.data_cache, base)
     return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache, "conditions": conditions})
+
+
+def check_neck(det: DetectorSpec, method, path: Path, overrides: dict, i: int) -> None:
+    """The detector's neck exists, serves the arch the method trains, and its config is valid."""
+    from harness.necks import NECKS
+    arch = det.arch or method.arch
+    where = {k: (f"methods[{i}].detector.{k}" if k in overrides else f"detector.{k}")
+             for k in ("neck", "neck_config")}
+    neck = NECKS.get(det.neck, file=str(path), field=where["neck"])
+    if arch not in neck.archs:
+        raise ConfigError(f"neck '{det.neck}' cannot serve the {arch} detector of method '{method.name}' "
+                          f"(it serves: {', '.join(neck.archs)})", file=path, field=where["neck"])
+    prefix = ("methods", i, "detector", "neck_config") if "neck_config" in overrides else ("detector", "neck_config")
+    neck.validate_config(det.neck_config, file=str(path), prefix=prefix)
+
+
+def check_distribution(dist: dict, accepts, *, file: str, field: str) -> None:
+    """A search distribution's form (bounds, kinds) and every value it can sample against its field.
+
+    ``accepts(value)`` raises ``ValueError`` when the field cannot take ``value``; the
+    bounds of a range and every ``choice`` are tried, so nothing invalid reaches Tune.
+    """
+    if len(dist) != 1:
+        raise ConfigError(f"one distribution per key (uniform, loguniform, randint or choice), got {sorted(dist)}",
+                          file=file, field=field)
+    (kind, args), = dist.items()
+    where = f"{field}.{kind}"
+    if kind == "choice":
+        if not args:
+            raise ConfigError("needs at least one value", file=file, field=where)
+        values = args
+    else:
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ConfigError(f"needs two numbers [low, high], got {args!r}", file=file, field=where)
+        lo, hi = args
+        if not lo < hi:
+            raise ConfigError(f"low must be below high, got [{lo}, {hi}]", file=file, field=where)
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"a log-uniform range needs low > 0, got {lo}", file=file, field=where)
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"randint takes integers [low, high), got {args!r}", file=file, field=where)
+        values = [lo, hi - 1] if kind == "randint" else [lo, hi]
+    for k, v in enumerate(values):
+        try:
+            accepts(v)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"]
+        except ConfigError as err:
+            msg = err.message
+        except ValueError as err:
+            msg = str(err).splitlines()[0]
+        else:
+            continue
+        shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+        raise ConfigError(f"value {shown} is not valid for the field: {msg}", file=file, field=f"{where}[{k}]")
+
+
+def _field_checker(suite: Suite, m: MethodSpec, method, key: str):
+    """``accepts(value)`` for a search key: the method's config or the schedule with ``key = value``."""
+    group, _, name = key.rpartition(".")
+
+    def accepts(value) -> None:
+        if group == "schedule":
+            ScheduleSpec.model_validate({**schedule_for(suite, m).model_dump(), name: value})
+        else:
+            method.validate_config({**m.config, name: value})
+    return accepts
 
 
 def _check_exists(p: str, suite_file: Path, field: str) -> None:

@@ -38,21 +38,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def parameter_groups(model: nn.Module, s: ScheduleSpec) -> list[dict]:
+    """Trainable parameters; with ``norm_weight_decay`` set, norm layers' parameters and those a
+    module declares with ``no_weight_decay()`` (names relative to it, timm's convention) in a
+    group of their own with that weight decay (torchvision references' ``set_weight_decay``)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if s.norm_weight_decay is None:
+        return [{"params": [p for _, p in trainable]}]
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    exempt: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, norms):
+            exempt |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)}
+        if hasattr(module, "no_weight_decay"):
+            exempt |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return [{"params": [p for n, p in trainable if n not in exempt]},
+            {"params": [p for n, p in trainable if n in exempt], "weight_decay": s.norm_weight_decay}]
+
+
 def build_optimizer(model: nn.Module, s: ScheduleSpec) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, s)
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(groups, lr=s.base_lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(groups, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def lr_factor(it: int, total: int, s: ScheduleSpec) -> float:
-    """Linear warm-up, then cosine / step (x0.1 at 2/3 and 8/9 of training) / constant."""
-    warm = min(1.0, (it + 1) / s.warmup_iters) if s.warmup_iters else 1.0
+    """Linear warm-up, then cosine / step (x0.1 at 2/3 and 8/9 of training) / multistep / constant.
+
+    Warm-up: from ``warmup_factor`` to 1 over ``warmup_iters`` as the torchvision references
+    (``LinearLR``), or from ``1 / warmup_iters`` when no factor is given. ``multistep``: times
+    ``lr_gamma`` after each epoch of ``lr_steps``; ``total`` is the number of iterations.
+    """
+    if not s.warmup_iters or it >= s.warmup_iters:
+        warm = 1.0
+    elif s.warmup_factor is None:
+        warm = (it + 1) / s.warmup_iters
+    else:
+        warm = s.warmup_factor + (1 - s.warmup_factor) * it / s.warmup_iters
     frac = it / max(1, total)
     if s.lr_schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * frac))
     if s.lr_schedule == "step":
         return warm * (0.1 ** ((frac >= 2 / 3) + (frac >= 8 / 9)))
+    if s.lr_schedule == "multistep":
+        epoch = frac * s.epochs  # fractional epochs done
+        return warm * s.lr_gamma ** sum(epoch >= e - 1e-9 for e in s.lr_steps)
     return warm
 
 
@@ -63,6 +94,24 @@ def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / world_size for k, v in zip(keys, t)}
+
+
+class RepeatedDataset(torch.utils.data.Dataset):
+    """``dataset`` seen ``times`` times per epoch (mmdet's RepeatDataset: short epochs on small
+    sets cost evaluation and start-up per epoch); ``set_epoch`` is passed on."""
+
+    def __init__(self, dataset, times: int = 1):
+        self.dataset, self.times = dataset, max(1, int(times))
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def to_device(obj, device):
@@ -159,7 +208,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         model.load_state_dict(model_state["model"])
         optimizer.load_state_dict(model_state["optimizer"])
     per_worker = max(1, s.batch_size // world_size)
-    loader = train_loader(job.method.train_dataset(job.stage, ctx, CocoDetection(train_index)), per_worker,
+    dataset = job.method.train_dataset(job.stage, ctx, CocoDetection(train_index))
+    loader = train_loader(RepeatedDataset(dataset, job.dataset.get("repeat", 1)), per_worker,
                           seed=job.seed, world_size=world_size, rank=rank)
     ctx.steps_per_epoch = len(loader)
     total_steps = s.epochs * len(loader)
@@ -177,7 +227,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
             ctx.step_in_epoch = step
             it = epoch * len(loader) + step
             for g in optimizer.param_groups:
-                g["lr"] = s.lr * lr_factor(it, total_steps, s)
+                g["lr"] = s.base_lr * lr_factor(it, total_steps, s)
             images, targets = to_device(images, device), to_device(targets, device)
             terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
             loss = sum(terms.values())

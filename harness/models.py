@@ -21,18 +21,18 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from harness.config import DetectorSpec
 from harness.errors import ConfigError
+from harness.necks import LEVELS, NECKS, build_neck
 
 log = logging.getLogger(__name__)
 
-#: FPN levels, from the largest map (see SPEC.md's notation).
-FASTER_RCNN_STRIDES = (4, 8, 16, 32, 64)   # P2..P5 + max-pool P6
-RETINANET_STRIDES = (8, 16, 32, 64, 128)   # P3..P7
+#: Pyramid levels, from the largest map (see docs/methods.md's notation).
+FASTER_RCNN_STRIDES = LEVELS["faster_rcnn"][1]   # P2..P5 + max-pool P6
+RETINANET_STRIDES = LEVELS["retinanet"][1]       # P3..P7
 
 
 def norm_layer(kind: str):
@@ -45,31 +45,53 @@ def norm_layer(kind: str):
 
 
 def base_anchor_size(image_size: int) -> int:
-    """Anchor size at the largest level: 32 px at torchvision's 800 px, scaled, at least 8."""
+    """Anchor size at the largest level: 32 px at torchvision's 800 px (its absolute 32-512 px
+    anchors), scaled down with the (shorter-side) image size, at least 8."""
     return max(8, round(32 * image_size / 800))
 
 
-def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithFPN:
+class BackboneWithNeck(nn.Module):
+    """A backbone body (its stages as an ordered dict) followed by a neck (:mod:`harness.necks`).
+
+    The neck sits under its plugin's ``module_name``: ``fpn`` for the FPN, so a detector
+    with the default neck has torchvision's checkpoint keys (``backbone.body.*``,
+    ``backbone.fpn.*``) and loads torchvision's and earlier detbench weights.
+    """
+
+    def __init__(self, body: nn.Module, return_layers: dict[str, str], neck: nn.Module, neck_name: str,
+                 out_channels: int):
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, return_layers=return_layers)
+        self.neck_name = neck_name
+        self.add_module(neck_name, neck)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor):
+        return getattr(self, self.neck_name)(self.body(x))
+
+
+def backbone_body(spec: DetectorSpec) -> tuple[nn.Module, list[str], list[int]]:
+    """The classification network, the names of its stages of strides 4..32 and their channels."""
     norm = norm_layer(spec.norm)
     if spec.backbone.startswith("resnet"):
         body = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
         wide = spec.backbone in ("resnet50", "resnet101")
-        channels = [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
-        layers = ["layer1", "layer2", "layer3", "layer4"]
-    elif spec.backbone == "mobilenet_v3":
+        return body, ["layer1", "layer2", "layer3", "layer4"], [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
+    if spec.backbone == "mobilenet_v3":
         body = mobilenet_v3_large(weights=None, norm_layer=norm).features
-        # Blocks whose output has strides 4, 8, 16, 32.
-        layers, channels = ["3", "6", "12", "16"], [24, 40, 112, 960]
-    else:  # guarded by config validation
-        raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")
-    if arch == "retinanet":
-        layers, channels = layers[1:], channels[1:]
-        extra = LastLevelP6P7(spec.fpn_width, spec.fpn_width)
-    else:
-        extra = LastLevelMaxPool()
-    return BackboneWithFPN(body, {name: str(i) for i, name in enumerate(layers)}, channels,
-                           spec.fpn_width, extra_blocks=extra,
-                           norm_layer=None)
+        return body, ["3", "6", "12", "16"], [24, 40, 112, 960]  # blocks of strides 4, 8, 16, 32
+    raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")  # guarded by config
+
+
+def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithNeck:
+    """Backbone + the spec's neck, giving the pyramid levels ``arch``'s heads expect (:data:`LEVELS`)."""
+    body, layers, channels = backbone_body(spec)
+    used = len(LEVELS[arch][0])  # RetinaNet starts at C3, Faster R-CNN at C2
+    layers, channels = layers[-used:], channels[-used:]
+    neck_cls = NECKS.get(spec.neck, field="detector.neck")
+    neck = build_neck(spec.neck, spec.neck_config, channels, spec.fpn_width, arch)
+    return BackboneWithNeck(body, {name: str(i) for i, name in enumerate(layers)}, neck,
+                            getattr(neck_cls, "module_name", "neck"), spec.fpn_width)
 
 
 def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None) -> nn.Module:
@@ -79,9 +101,8 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
     """
     arch = arch or spec.arch or "faster_rcnn"
     backbone = build_backbone(spec, arch)
-    s = base_anchor_size(spec.image_size)
-    common = dict(min_size=spec.image_size, max_size=spec.image_size,
-                  detections_per_img=spec.detections_per_img)
+    s = base_anchor_size(max(spec.min_sizes))
+    common = dict(min_size=spec.min_sizes, max_size=spec.resize_max, detections_per_img=spec.detections_per_img)
     if arch == "faster_rcnn":
         anchors = AnchorGenerator(tuple((s * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
         model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
@@ -169,9 +190,12 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> Non
 
 
 def describe(spec: DetectorSpec, arch: str) -> str:
-    return f"{arch}/{spec.backbone}/fpn{spec.fpn_width}/{spec.image_size}px/{spec.norm}"
+    sizes = spec.min_sizes
+    size = (f"{spec.image_size}px" if sizes == (spec.image_size,) and spec.resize_max == spec.image_size
+            else f"{'-'.join(map(str, sizes))}x{spec.resize_max}px")
+    return f"{arch}/{spec.backbone}/{spec.neck}{spec.fpn_width}/{size}/{spec.norm}"
 
 
-__all__ = ["build_detector", "build_backbone", "load_checkpoint", "load_state", "describe",
+__all__ = ["build_detector", "build_backbone", "backbone_body", "BackboneWithNeck", "load_checkpoint", "load_state", "describe",
            "replace_classification_head", "retinanet_head_norm",
            "FASTER_RCNN_STRIDES", "RETINANET_STRIDES", "norm_layer"]

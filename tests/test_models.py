@@ -48,3 +48,49 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_checkpoint(build_detector(DetectorSpec(fpn_width=16, image_size=64), 2), tmp_path / "no.pt")
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_fpn_neck_is_torchvisions_backbone_with_fpn(arch):
+    """The default neck keeps torchvision's module keys and shapes (``backbone.body.*``, ``backbone.fpn.*``),
+    so torchvision checkpoints and run artifacts written before the neck slot still load strictly."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+    spec = DetectorSpec(fpn_width=16, image_size=64)
+    ours = build_detector(spec, 3, arch=arch).backbone
+    layers = ["layer1", "layer2", "layer3", "layer4"][(arch == "retinanet"):]
+    channels = [64, 128, 256, 512][(arch == "retinanet"):]
+    extra = LastLevelP6P7(16, 16) if arch == "retinanet" else LastLevelMaxPool()
+    theirs = BackboneWithFPN(resnet18(), {n: str(i) for i, n in enumerate(layers)}, channels, 16, extra_blocks=extra)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    ours.eval(), theirs.eval()
+    for a, b in zip(ours(x).values(), theirs(x).values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_no_neck_ablation_gives_the_same_levels(arch):
+    spec = DetectorSpec(fpn_width=16, image_size=64, neck="none")
+    model = build_detector(spec, 3, arch=arch)
+    feats = model.backbone(torch.rand(2, 3, 64, 64))
+    ref = build_detector(DetectorSpec(fpn_width=16, image_size=64), 3, arch=arch).backbone(torch.rand(2, 3, 64, 64))
+    assert [f.shape for f in feats.values()] == [f.shape for f in ref.values()]
+    assert "backbone.neck.lateral.0.weight" in model.state_dict()
+
+
+def test_unknown_neck_and_bad_neck_config(tmp_path):
+    from harness.config import load_suite
+    base = "datasets: [{name: s, format: synthetic}]\nmethods: [{name: focal}]\n"
+    for extra, field in (("detector: {neck: fpnn}", "detector.neck"),
+                         ("detector: {neck: fpn, neck_config: {depth: 2}}", "detector.neck_config.depth")):
+        path = tmp_path / "s.yaml"
+        path.write_text(base + extra + "\n")
+        with pytest.raises(ConfigError) as err:
+            load_suite(path)
+        assert err.value.field == field and str(path) in str(err.value)
+    path.write_text(base + "detector: {neck: fpnn}\n")
+    with pytest.raises(ConfigError, match="did you mean 'fpn'"):
+        load_suite(path)

@@ -7,6 +7,7 @@ clear message instead of inside a Ray worker an hour later.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from harness.config import DatasetSpec
-from harness.data.coco import CocoDetection, CocoIndex, collate_detection, load_coco
+from harness.data.coco import CocoDetection, CocoIndex, check_image_files, collate_detection, load_coco
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,19 @@ class PreparedDataset:
     val_annotations: str
     val_images: str
     protocol: str = "coco"  # evaluation protocol: coco | visdrone
+    repeat: int = 1         # the train split this many times per epoch
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True) -> PreparedDataset:
-    """Materialise (synthetic) or locate (COCO) a dataset and validate both splits."""
+def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True,
+                    progress: bool = False) -> PreparedDataset:
+    """Materialise (synthetic) or locate (COCO) a dataset and validate both splits.
+
+    ``check``: annotations validated and every image opened (:func:`check_images`), the
+    same checks as ``detbench data check``.
+    """
     if spec.format == "synthetic":
         from harness.data.synthetic import write_synthetic_coco, write_synthetic_visdrone
         syn = spec.synthetic
@@ -59,13 +66,24 @@ def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True) -
     else:
         prepared = PreparedDataset(spec.name, spec.train.annotations, spec.train.images,
                                    spec.val.annotations, spec.val.images)
+    if spec.repeat != 1:
+        prepared = dataclasses.replace(prepared, repeat=spec.repeat)
     if check:
         train, val = load_split(prepared, "train"), load_split(prepared, "val")
+        check_images(train, progress=progress)
+        check_images(val, progress=progress)
         if train.class_names != val.class_names:
             from harness.errors import DataError
             raise DataError(f"train and val have different categories ({train.class_names} vs "
                             f"{val.class_names})", file=prepared.val_annotations, field="categories")
     return prepared
+
+
+def check_images(index: CocoIndex, *, progress: bool = False) -> None:
+    """Every image of a split opened before anything runs; the time said when it was long."""
+    seconds = check_image_files(index, progress=progress)
+    if seconds > 5:
+        print(f"detbench: checked {len(index)} images of {index.ann_file} in {seconds:.0f} s")
 
 
 def _visdrone_json(folder, cache_dir) -> Path:
@@ -130,7 +148,7 @@ def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, 
             from harness.data.voc import write_voc_as_coco
             key = hashlib.sha256(f"{real['xml']}|{real['images']}".encode()).hexdigest()[:12]
             ann = str(write_voc_as_coco(real["xml"], real["images"], Path(cache_dir) / "voc" / f"{key}.json"))
-        load_coco(ann, real["images"])  # validated now, not inside a worker
+        check_images(load_coco(ann, real["images"]), progress=progress)  # validated now, not inside a worker
         out.append({"label": real["name"], "name": real["name"], "severity": 0, "annotations": ann,
                     "images": real["images"], "protocol": "coco", "by_name": True})
     return out
