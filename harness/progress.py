@@ -22,11 +22,23 @@ def _cell(trial) -> str:
 
 
 class SweepProgress(Callback):
-    """A tqdm bar of finished trials (postfix: running / failed) and per-epoch metric lines."""
+    """A tqdm bar of finished trials (postfix: running / failed) and per-epoch metric lines.
+
+    Tune pickles its callbacks into the experiment state that ``Tuner.restore`` reads
+    back; a terminal display belongs to one driver process, so it is not part of that
+    state: the pickled form is a silent display (a resumed driver attaches its own).
+    A live tqdm bar does not survive unpickling (its stream wrapper recurses).
+    """
 
     def __init__(self, total: int, enabled: bool = True):
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
         self.running, self.failed, self.enabled = 0, 0, enabled
+
+    def __getstate__(self) -> dict:
+        return {"total": self.bar.total}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state.get("total", 0), enabled=False)
 
     def _postfix(self) -> None:
         self.bar.set_postfix(running=self.running, failed=self.failed)

@@ -28,14 +28,15 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from harness.config import ResourcesSpec, data_cache_dir, load_suite, method_label
-from harness.errors import DetbenchError
+from harness.config import ResourcesSpec, Suite, data_cache_dir, load_suite, method_label
+from harness.errors import ConfigError, DetbenchError
 from harness.fileio import atomic_write_json
-from harness.data.loader import prepare_conditions, prepare_dataset
+from harness.data.loader import PreparedDataset, prepare_conditions, prepare_dataset
 from harness.plan import plan_cells, rows_for_trial
 from harness.results import ResultStore
 
@@ -64,9 +65,14 @@ def git_sha() -> str:
 
 def _driver_log(run_dir: Path) -> None:
     """Ray's and our own library logging go to a file, not the user's terminal."""
+    from harness.sweep import RAY_MESSAGES
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "logs" / "driver.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for record in RAY_MESSAGES.buffer:  # what Ray said while it started, before this file existed
+        handler.handle(record)
+    RAY_MESSAGES.buffer.clear()
+    logging.getLogger("ray").removeHandler(RAY_MESSAGES)  # from now on the file gets it directly
     for name in ("ray", "harness", "methods"):
         lg = logging.getLogger(name)
         lg.addHandler(handler)
@@ -122,21 +128,16 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
 
     With ``name`` of an existing run directory under ``out_dir``, that run is resumed.
     """
-    from harness.sweep import check_fits, cluster_nodes, init_ray
+    from harness.sweep import cluster_nodes, init_ray
 
     if name and (Path(out_dir) / name / RUN_FILE).is_file():
         print(f"detbench: {Path(out_dir) / name} exists: resuming it")
         return resume_run(Path(out_dir) / name, address=address, progress=progress, retry_failed=retry_failed)
-    suite_path = Path(suite_path)
-    suite = load_suite(suite_path)
-    cache = data_cache_dir(suite)
-    prepared = {ds.name: prepare_dataset(ds, cache) for ds in suite.datasets}
-    conditions = {name: prepare_conditions(suite.conditions, p, cache, seed=suite.condition_seed,
-                                           progress=progress) for name, p in prepared.items()}
-    cells = plan_cells(suite, prepared, conditions)
+    checked = prepare_suite(suite_path, progress=progress)
+    suite, cells = checked.suite, checked.cells
     init_ray(address)
     nodes = cluster_nodes()
-    concurrency = check_fits(suite.resources, nodes)
+    concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = (Path(out_dir) / (name or f"{suite.name}-{stamp}")).resolve()
@@ -146,7 +147,7 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
         raise DetbenchError("exists but is not a detbench run (no run.json); choose another --name",
                             file=run_dir) from None
     _driver_log(run_dir)
-    shutil.copyfile(suite_path, run_dir / "suite.yaml")
+    shutil.copyfile(checked.path, run_dir / "suite.yaml")
     import ray
     versions = package_versions()
     manifest = {"suite": suite.model_dump(), "versions": versions, "git_sha": git_sha(),
@@ -166,6 +167,42 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress)
 
 
+@dataclass(frozen=True)
+class CheckedSuite:
+    """A suite whose every input has been checked, with its data prepared and its cells planned."""
+    path: Path
+    suite: Suite
+    datasets: dict[str, PreparedDataset]
+    conditions: dict[str, list[dict]]
+    cells: list[dict]
+
+
+def prepare_suite(suite_path: str | Path, *, progress: bool = False) -> CheckedSuite:
+    """The one pre-run check of a suite file (``run`` and every command that runs a suite).
+
+    Suite keys and values (search distributions included), dataset files and every image
+    (the checks of ``detbench data check``), test conditions (rendered once into the cache),
+    and the plan. Any problem is a :class:`DetbenchError` naming the file, record and
+    field, raised before a run directory or a Ray session exists.
+    """
+    path = Path(suite_path)
+    suite = load_suite(path)
+    cache = data_cache_dir(suite)
+    prepared = {ds.name: prepare_dataset(ds, cache, progress=progress) for ds in suite.datasets}
+    conditions = {name: prepare_conditions(suite.conditions, p, cache, seed=suite.condition_seed,
+                                           progress=progress) for name, p in prepared.items()}
+    return CheckedSuite(path, suite, prepared, conditions, plan_cells(suite, prepared, conditions))
+
+
+def fit_or_refuse(resources: ResourcesSpec, nodes: list[dict], source: Path) -> int:
+    """How many trials fit at once; a request the cluster can never hold is refused naming ``source``."""
+    from harness.sweep import check_fits
+    try:
+        return check_fits(resources, nodes)
+    except ConfigError as err:
+        raise ConfigError(err.message, file=source, field=err.field) from None
+
+
 def count_trials(cells: list[dict]) -> int:
     """Trials a sweep of ``cells`` runs: one per plain cell, ``num_samples`` per searched one."""
     return sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells)
@@ -183,12 +220,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 def resume_run(run_dir: str | Path, *, address: str | None = None, progress: bool = True,
                retry_failed: bool = False) -> Path:
     """Continue a run after its driver stopped; ``retry_failed`` reruns the failed cells too."""
-    from harness.sweep import check_fits, cluster_nodes, init_ray
+    from harness.sweep import cluster_nodes, init_ray
 
     run_dir = Path(run_dir).resolve()
     run, cells = load_run(run_dir)
     init_ray(address)
-    concurrency = check_fits(ResourcesSpec(**run["resources"]), cluster_nodes())
+    concurrency = fit_or_refuse(ResourcesSpec(**run["resources"]), cluster_nodes(), run_dir / RUN_FILE)
     _driver_log(run_dir)
     retry = retire_failed(run_dir, cells) if retry_failed else []
     print(f"detbench: resuming {run_dir}" + (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))

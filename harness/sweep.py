@@ -11,6 +11,7 @@ explanation. Plain cells run in one Tuner (grid over cells); a method with a
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
 import os
 from pathlib import Path
@@ -26,17 +27,58 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "TUNE_GLOBAL_CHECKPOINT_S
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
+#: Ray's driver-side messages (its logger, raylet warnings) kept until the run's driver log exists.
+RAY_MESSAGES = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+
+
+def ray_address(address: str | None) -> str:
+    """``--address``, else RAY_ADDRESS, else ``"local"``: a new embedded cluster, never one that a
+    ``ray start`` left running on this machine (``ray.init()`` without an address would attach to it)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def init_ray(address: str | None, log_dir: Path | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start the embedded local cluster."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start the embedded local cluster.
+
+    Ray's own console output (its logger, e.g. the token-authentication notice, and the
+    raylet's warnings relayed to the driver) goes to :data:`RAY_MESSAGES`, which the run's
+    ``logs/driver.log`` receives; the user's terminal shows detbench's output only.
+    """
     import ray
     os.environ.update(RAY_ENV)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": dict(RAY_ENV)}, configure_logging=True)
+    # ray.init clears the "ray" logger's handlers: what its internals say while it starts is
+    # caught one level down, then the "ray" logger itself keeps everything from the terminal.
+    internals = logging.getLogger("ray._private")
+    internals.addHandler(RAY_MESSAGES)
+    internals.propagate = False
+    try:
+        ray.init(address=ray_address(address), log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": dict(RAY_ENV)}, configure_logging=False)
+    finally:
+        internals.removeHandler(RAY_MESSAGES)
+        internals.propagate = True
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(RAY_MESSAGES)
+    ray_logger.propagate = False
+    _relay_raylet_messages_to_log()
+
+
+def _relay_raylet_messages_to_log() -> None:
+    """The driver prints the raylet's warnings (e.g. worker start-up counts) straight to the
+    terminal; send them to the "ray" logger instead (private Ray API: skipped if it moved)."""
+    import ray._private.worker as worker
+    if not hasattr(worker, "print_to_stdstream"):
+        return
+    raylet_log = logging.getLogger("ray.raylet")
+
+    def to_log(data, ignore_prefix=False):
+        for line in data.get("lines", ()):
+            raylet_log.warning("(%s) %s", data.get("pid", "ray"), line)
+    worker.print_to_stdstream = to_log
 
 
 def cluster_nodes() -> list[dict]:

@@ -73,10 +73,16 @@ def pids_matching(text: str) -> list[int]:
     return pids
 
 
-def ray_gone(timeout: float = 30) -> bool:
+def ray_pids() -> set[int]:
+    return set(pids_matching("raylet")) | set(pids_matching("gcs_server"))
+
+
+def ray_gone(timeout: float = 30, ignore: set[int] = frozenset()) -> bool:
+    """No Ray cluster processes left but those in ``ignore`` (clusters that were running before
+    the test started: another test session's, a user's ``ray start``)."""
     end = time.time() + timeout
     while time.time() < end:
-        if not pids_matching("raylet") and not pids_matching("gcs_server"):
+        if not ray_pids() - set(ignore):
             return True
         time.sleep(0.5)
     return False

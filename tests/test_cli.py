@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,39 @@ def test_synth_then_check(capsys, tmp_path):
 
 def test_synth_unknown_format(capsys, tmp_path):
     assert main(["data", "synth", "--format", "yolo", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_default_is_a_new_local_cluster_even_when_ray_start_left_one(tmp_path):
+    """``ray start`` (or a test) leaves /tmp/ray/ray_current_cluster; a plain ``detbench`` must not
+    attach to that cluster (here a dead address) but start the embedded one the README describes."""
+    import os
+    import subprocess
+
+    from ray._private.utils import get_ray_address_file
+
+    from harness.sweep import ray_address
+    from runkit import DETBENCH
+    address_file = Path(get_ray_address_file(None))
+    saved = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:1")  # nothing listens there
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run(DETBENCH + ["cluster", "info"], capture_output=True, text=True, timeout=110, env=env)
+    finally:
+        address_file.unlink()
+        if saved is not None:
+            address_file.write_text(saved)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Ray cluster" in out.stdout and "127.0.0.1:1\n" not in out.stdout
+    assert "Token authentication" not in out.stderr  # Ray's notices go to logs, not the terminal
+    env_address = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        assert ray_address(None) == "local" and ray_address("auto") == "auto"
+        os.environ["RAY_ADDRESS"] = "ray://head:10001"
+        assert ray_address(None) == "ray://head:10001"
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        if env_address is not None:
+            os.environ["RAY_ADDRESS"] = env_address

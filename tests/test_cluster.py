@@ -42,7 +42,9 @@ def _node_pids(node) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster():
     """Head (0 CPU) + workers node_a and node_b (1 CPU each); torn down by the pids it started."""
+    from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
+    address_file = Path(get_ray_address_file(None))
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_FAILURE_DETECTION})
     nodes = [c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
     c.wait_for_nodes()
@@ -57,6 +59,10 @@ def cluster():
     left = [p for p in started["pids"] if Path(f"/proc/{p}").exists()
             and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
     assert not left, f"Ray processes left behind: {left}"
+    # Cluster() writes /tmp/ray/ray_current_cluster; none may be left for a later plain ray.init()
+    if address_file.exists() and address_file.read_text().strip() == c.address:
+        address_file.unlink()
+    assert not (address_file.exists() and address_file.read_text().strip() == c.address)
 
 
 def _node_ids_by_resource(cluster) -> dict[str, str]:

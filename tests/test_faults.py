@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from runkit import DETBENCH, TINY_DATA, start_detbench, checkpoints, markers, pids_matching, ray_gone, wait_for
+from runkit import (DETBENCH, TINY_DATA, checkpoints, markers, pids_matching, ray_gone, ray_pids, start_detbench,
+                    wait_for)
 from harness.results import ResultStore
 from harness.status import run_status
 
@@ -27,38 +28,59 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials:
 """
 
 
-@pytest.mark.timeout(300)
-def test_driver_sigkill_then_resume(tmp_path, tiny_data):
+def _first_trial_done_second_checkpointed(run_dir, store) -> bool:
+    started = markers(run_dir)
+    return (len(store.trial_ids()) == 1 and len(started) == 2
+            and bool(checkpoints(run_dir, (set(started) - store.trial_ids()).pop())))
+
+
+#: When the driver is killed: trial 1 started but has no checkpoint yet; trial 1 just finished
+#: (its rows are there, trial 2 may or may not have started); trial 2 mid-training.
+KILL_MOMENTS = {
+    "before_first_checkpoint": lambda run_dir, store: bool(markers(run_dir)) and not store.trial_ids()
+    and not checkpoints(run_dir, markers(run_dir)[0]),
+    "between_trials": lambda run_dir, store: len(store.trial_ids()) == 1,
+    "mid_trial": _first_trial_done_second_checkpointed,
+}
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("moment,flags", [("mid_trial", []), ("before_first_checkpoint", ["--quiet"]),
+                                          ("between_trials", [])],
+                         ids=["mid_trial-progress", "before_first_checkpoint-quiet", "between_trials-progress"])
+def test_driver_sigkill_then_resume(tmp_path, tiny_data, moment, flags):
+    """As users run it: default flags (the progress display on, which Tune's saved state must not
+    carry) and ``--quiet``; the driver's whole process group SIGKILLed at several moments."""
+    epochs = 3
     suite = tmp_path / "s.yaml"
-    suite.write_text(SUITE.format(seeds="[0, 1]", epochs=4, **tiny_data))
+    suite.write_text(SUITE.format(seeds="[0, 1]", epochs=epochs, **tiny_data))
     run_dir = tmp_path / "runs" / "r"
     log = tmp_path / "driver.log"
-    proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", "--quiet"], log)
+    others = ray_pids()
+    proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", *flags], log)
     store = ResultStore(run_dir)
-    # first trial finished, the second has checkpointed at least one epoch
-    wait_for(lambda: len(store.trial_ids()) == 1 and len(markers(run_dir)) == 2
-              and checkpoints(run_dir, (set(markers(run_dir)) - store.trial_ids()).pop()),
-              240, "trial 1 done and trial 2 mid-training", proc, log)
-    first = store.trial_ids().pop()
-    first_file = store.path_for(first)
-    first_stamp = (first_file.stat().st_mtime_ns, first_file.read_bytes())
-    os.kill(proc.pid, signal.SIGKILL)
+    wait_for(lambda: KILL_MOMENTS[moment](run_dir, store), 240, moment, proc, log)
+    before = {t: (store.path_for(t).stat().st_mtime_ns, store.path_for(t).read_bytes()) for t in store.trial_ids()}
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert ray_gone(), "the killed driver's Ray cluster did not exit"
-    status = run_status(run_dir)
-    assert status["driver"] == "stopped" and status["counts"] == {"done": 1, "interrupted": 1}
+    assert ray_gone(ignore=others), "the killed driver's Ray cluster did not exit"
+    assert run_status(run_dir)["driver"] == "stopped"
 
-    out = subprocess.run(DETBENCH + ["resume", str(run_dir), "--quiet"], capture_output=True, text=True,
-                         timeout=240)
+    out = subprocess.run(DETBENCH + ["resume", str(run_dir), *flags], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "RecursionError" not in out.stderr
     df = store.read()
-    assert df["row_id"].is_unique and store.trial_ids() == set(markers(run_dir))
+    assert df["row_id"].is_unique and store.trial_ids() == set(markers(run_dir)) and len(store.trial_ids()) == 2
     assert run_status(run_dir)["counts"] == {"done": 2}
-    assert (first_file.stat().st_mtime_ns, first_file.read_bytes()) == first_stamp  # not retrained
-    second = df[df["trial_id"] != first]
-    assert second["restarts"].max() == 1          # continued from its checkpoint
-    assert sorted(second[second["metric"] == "train/loss"]["epoch"]) == [1, 2, 3, 4]
-    assert ray_gone()
+    for trial_id, stamp in before.items():  # finished before the kill: not retrained, not rewritten
+        assert (store.path_for(trial_id).stat().st_mtime_ns, store.path_for(trial_id).read_bytes()) == stamp
+    for trial_id, rows in df.groupby("trial_id"):
+        assert sorted(rows[rows["metric"] == "train/loss"]["epoch"]) == list(range(1, epochs + 1))
+    if moment == "mid_trial":
+        second = df[~df["trial_id"].isin(before)]
+        assert second["restarts"].max() == 1          # continued from its checkpoint
+    assert ray_gone(ignore=others)
 
 
 @pytest.mark.timeout(240)
@@ -67,6 +89,7 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     suite.write_text(SUITE.format(seeds="[0]", epochs=12, **tiny_data))  # still training when killed
     run_dir = tmp_path / "runs" / "w"
     log = tmp_path / "driver.log"
+    others = ray_pids()
     proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w", "--quiet"], log)
     wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
               "the first epoch checkpoint", proc, log)
@@ -79,4 +102,4 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     final = df[df["epoch"].isna() & (df["metric"] == "AP")]
     assert len(final) == 1
     assert sorted(df[df["metric"] == "train/loss"]["epoch"]) == list(range(1, 13))
-    assert ray_gone()
+    assert ray_gone(ignore=others)

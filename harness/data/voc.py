@@ -33,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 
 from harness.fileio import atomic_write_json
+from harness.data.coco import outside_root
 from harness.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -48,9 +49,9 @@ def _find_image(root, xml_path: Path, image_dir: Path) -> Path:
     fn = _text(root, "filename")
     if fn:
         p = image_dir / fn
-        if Path(fn).is_absolute() or ".." in Path(fn).parts:
-            raise DataError(f"must be a path inside the image folder, got {fn!r}",
-                            file=xml_path, field="filename")
+        why = outside_root(image_dir, fn)
+        if why:
+            raise DataError(why, file=xml_path, field="filename")
         if p.is_file():
             return p
         if not Path(fn).suffix:  # some datasets omit the extension
