@@ -367,14 +367,16 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                 raise ConfigError(f"unknown dataset '{d}'{_suggest(d, names)}; datasets: {', '.join(names)}",
                                   file=path, field=f"methods[{i}].datasets[{k}]")
         method = METHODS.get(m.name, file=path, field=f"methods[{i}].name")
-        method.validate_config(m.config, file=str(path), prefix=("methods", i, "config"))
+        method_config = method.validate_config(m.config, file=str(path), prefix=("methods", i, "config"))
         for key, model, base_spec in (("detector", DetectorSpec, suite.detector),
                                       ("schedule", ScheduleSpec, suite.schedule)):
             try:
                 model.model_validate({**base_spec.model_dump(), **getattr(m, key)})
             except ValidationError as err:
                 raise format_validation_error(err, str(path), model, ("methods", i, key)) from None
-        check_neck(detector_for(suite, m), method, path, m.detector, i)
+        plugin = method(method_config)
+        for stage in plugin.active_stages:  # the detector each stage trains (a method may set the neck)
+            check_neck(plugin.stage_detector(stage, detector_for(suite, m)), method, path, m.detector, i)
         if m.search:
             for key, dist in m.search.space.items():
                 field = f"methods[{i}].search.space.{key}"

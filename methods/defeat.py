@@ -15,7 +15,7 @@ Follows SPEC.md, section "DeFeat". Two stages, ``teacher -> student``:
 
 Neck term (Faster R-CNN and RetinaNet), per FPN level, :func:`decoupled_neck_loss`
 with the GT masks of :func:`gt_level_masks` and one 3x3 conv adapter per level
-(C -> C, no activation, weights N(0, 1) * 1e-4, bias 0)::
+(C -> C, no activation, weights N(0, 1).fmod(2) * 1e-4, bias at PyTorch's default: the released code)::
 
     L_fg = sum M (phi(S) - T)^2 / (2 max(1, C sum M))
     L_bg = sum (1-M) (phi(S) - T)^2 / (2 max(1, C sum (1-M)))
