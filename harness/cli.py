@@ -98,6 +98,10 @@ def cmd_artifacts(args) -> int:
 
 def cmd_methods(args) -> int:
     from harness.registry import METHODS
+    if args.cost:
+        from harness.cost import cost_table
+        print(cost_table(args.cost))
+        return 0
     for name in METHODS.names():
         cls = METHODS.get(name)
         print(f"{name}  ({cls.arch}; stages: {' -> '.join(cls.stages)})")
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     ci.set_defaults(func=cmd_cluster_info)
 
     m = sub.add_parser("methods", help="list method plugins with their config fields and defaults")
+    m.add_argument("--cost", metavar="SUITE", default=None,
+                   help="instead: parameters and FLOPs of each method's detector and of every neck, at SUITE's sizes")
     m.set_defaults(func=cmd_methods)
     return p
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
+from harness.cost import detector_cost
 from harness.data.coco import CocoDetection, load_coco
 from harness.data.loader import eval_loader, load_split, train_loader
 from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
@@ -260,6 +261,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
             state.last_eval = evaluate_detector(detector, val_index, device=device, world_size=world_size,
                                                 rank=rank, protocol=protocol)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
+            if epoch + 1 == s.epochs and hasattr(detector.backbone, "neck_name"):
+                state.last_eval.update(detector_cost(detector, job.detector).as_metrics())
             if epoch + 1 == s.epochs:  # degraded test sets: once, with the final model
                 for cond in job.conditions:
                     index = load_coco(cond["annotations"], cond["images"], check_images=False)

@@ -1,0 +1,111 @@
+"""What a detector costs: parameters and FLOPs of the whole detector and of its neck.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (no extra
+dependency) on one image at the detector's evaluation size: ``min_size`` (the
+last one, the test size) by ``max_size`` for keep-ratio specs, i.e. the largest
+input the transform produces; square ``image_size`` otherwise. They count the
+matrix products and convolutions of the forward pass (one multiply-add = 2
+FLOPs, the counter's convention), not NMS or box decoding. Neck FLOPs are
+counted on the neck alone, fed the backbone's stages of that image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.config import DetectorSpec
+
+
+@dataclass(frozen=True)
+class DetectorCost:
+    params: int
+    neck_params: int
+    flops: float        # per image, whole detector forward at the evaluation size
+    neck_flops: float
+    image_hw: tuple[int, int]
+
+    def as_metrics(self) -> dict[str, float]:
+        """Rows' metric names (``cost/*``), in millions / GFLOPs for readable tables."""
+        return {"cost/params_M": self.params / 1e6, "cost/neck_params_M": self.neck_params / 1e6,
+                "cost/gflops": self.flops / 1e9, "cost/neck_gflops": self.neck_flops / 1e9}
+
+
+def evaluation_size(spec: DetectorSpec) -> tuple[int, int]:
+    """(H, W) of the largest image the detector's transform feeds it at test time."""
+    short = spec.min_sizes[-1]
+    return (short, spec.resize_max) if spec.resize_max > short else (short, short)
+
+
+def _flops(fn) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return float(counter.get_total_flops())
+
+
+def detector_cost(detector: nn.Module, spec: DetectorSpec) -> DetectorCost:
+    """Cost of a torchvision-style detector whose ``backbone`` is :class:`harness.models.BackboneWithNeck`."""
+    backbone = detector.backbone
+    neck = getattr(backbone, backbone.neck_name)
+    h, w = evaluation_size(spec)
+    device = next(detector.parameters()).device
+    # two images, counts halved: a GroupNorm over a 1x1 top level needs more than one value
+    images = [torch.rand(3, h, w, device=device) for _ in range(2)]
+    was_training = detector.training
+    detector.eval()
+    try:
+        flops = _flops(lambda: detector(images)) / 2
+        batch, _ = detector.transform(images)
+        stages = backbone.body(batch.tensors)
+        neck_flops = _flops(lambda: neck(stages)) / 2
+    finally:
+        detector.train(was_training)
+    return DetectorCost(params=sum(p.numel() for p in detector.parameters()),
+                        neck_params=sum(p.numel() for p in neck.parameters()),
+                        flops=flops, neck_flops=neck_flops, image_hw=(h, w))
+
+
+def cost_table(suite_path: str) -> str:
+    """``detbench methods --cost SUITE``: each method's detector and each neck on the suite's detector.
+
+    Built from scratch on CPU with the class count of the suite's first dataset (synthetic
+    data is generated into the cache if needed); nothing is trained.
+    """
+    from harness.config import data_cache_dir, detector_for, load_suite, method_label
+    from harness.data.loader import load_split, prepare_dataset
+    from harness.models import build_detector
+    from harness.necks import NECKS
+    from harness.registry import METHODS
+
+    suite = load_suite(suite_path)
+    classes = len(load_split(prepare_dataset(suite.datasets[0], data_cache_dir(suite), check=False), "train",
+                             check_images=False).class_names)
+
+    def row(label: str, spec: DetectorSpec, arch: str) -> str:
+        c = detector_cost(build_detector(spec, classes, arch=arch), spec)
+        return (f"| {label} | {arch} | {spec.backbone} | {spec.neck} | {c.image_hw[0]}x{c.image_hw[1]} | "
+                f"{c.params / 1e6:.2f} | {c.neck_params / 1e6:.3f} | {c.flops / 1e9:.2f} | {c.neck_flops / 1e9:.3f} |")
+
+    head = ["| entry | arch | backbone | neck | image | params (M) | neck params (M) | GFLOPs | neck GFLOPs |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Cost at the suite's evaluation size ({suite_path}, {classes} classes), per image:", ""] + head
+    seen = {}
+    for m in suite.methods:
+        cls = METHODS.get(m.name)
+        plugin = cls(m.config)
+        spec = plugin.stage_detector(plugin.active_stages[-1], detector_for(suite, m))
+        arch = spec.arch or cls.arch
+        lines.append(row(method_label(m), spec, arch))
+        seen.setdefault(arch, spec)
+    lines += ["", "Necks on the suite's detector:", ""] + head
+    for arch, spec in seen.items():
+        for name in NECKS.names():
+            if arch in NECKS.get(name).archs:
+                lines.append(row(f"neck {name}", spec.model_copy(update={"neck": name, "neck_config": {}}), arch))
+    return "\n".join(lines)
+
+
+__all__ = ["DetectorCost", "detector_cost", "evaluation_size", "cost_table"]
