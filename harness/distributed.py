@@ -108,7 +108,7 @@ def train_worker(cfg: dict) -> dict:
     except NonFiniteLoss as exc:
         return {"status": "failed", "reason": str(exc), "history": (state or StageState()).history,
                 "resumes": resumes, "node_id": _worker_nodes(world)}
-    return {"status": "ok", "history": state.history, "final": state.last_eval, "resumes": resumes,
+    return {"status": "ok", "history": state.history, "final": {**state.last_eval, **state.cost}, "resumes": resumes,
             "conditions": state.conditions, "node_id": _worker_nodes(world)}
 
 

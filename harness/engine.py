@@ -182,6 +182,7 @@ class StageState:
     history: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
     conditions: dict = field(default_factory=dict)  # label -> metrics, after the last epoch
+    cost: dict = field(default_factory=dict)        # harness.cost metrics of the final detector
 
 
 def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank: int = 0,
@@ -262,7 +263,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
                                                 rank=rank, protocol=protocol)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
             if epoch + 1 == s.epochs and hasattr(detector.backbone, "neck_name"):
-                state.last_eval.update(detector_cost(detector, job.detector).as_metrics())
+                state.cost = detector_cost(detector, job.detector).as_metrics()
             if epoch + 1 == s.epochs:  # degraded test sets: once, with the final model
                 for cond in job.conditions:
                     index = load_coco(cond["annotations"], cond["images"], check_images=False)

@@ -27,6 +27,7 @@ def test_two_epochs_history_and_eval(tiny_data):
     rec = state.history[-1]
     assert {"train/loss", "train/loss_classifier", "val/AP", "val/AP50", "time/epoch_s"} <= set(rec)
     assert set(state.last_eval) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(state.cost) == {"cost/params_M", "cost/neck_params_M", "cost/gflops", "cost/neck_gflops"}
 
 
 def test_resume_from_state_skips_done_epochs(tiny_data):
