@@ -269,7 +269,8 @@ def format_validation_error(err: ValidationError, file: str, model: type[BaseMod
         expected = e.get("ctx", {}).get("expected", "")
         options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
         msg += _suggest(e["input"], options)
-    elif isinstance(e.get("input"), (int, float, str, bool)) and e["type"] != "missing":
+    elif (isinstance(e.get("input"), (int, float, str, bool)) and e["type"] != "missing"
+          and f"got {e['input']!r}" not in msg):
         msg = f"{msg}, got {e['input']!r}"  # the value as the user wrote it
     more = len(err.errors()) - 1
     if more:

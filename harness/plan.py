@@ -80,12 +80,14 @@ def rows_for_trial(run: dict, cell: dict, trial_id: str, outputs: dict[str, dict
                   seed=cell["seed"], config_hash=config_hash(cell),
                   config_json=json.dumps({k: cell[k] for k in ("method_config", "detector", "schedule")},
                                          sort_keys=True),
-                  detector=describe(DetectorSpec(**cell["detector"]), cell["arch"]),
                   wall_s=wall_s, metric_backend="faster_coco_eval", versions_json=run["versions_json"],
                   git_sha=run["git_sha"], smoke=run["smoke"])
     rows = []
+    method = METHODS.get(cell["method"])(cell["method_config"])
     for stage, out in outputs.items():
-        base = dict(common, stage=stage, restarts=int(out.get("resumes", 0)), node_id=out.get("node_id", ""))
+        detector = describe(method.stage_detector(stage, DetectorSpec(**cell["detector"])), cell["arch"])
+        base = dict(common, stage=stage, detector=detector, restarts=int(out.get("resumes", 0)),
+                    node_id=out.get("node_id", ""))
         if out.get("artifact"):  # a shared earlier stage: identified by what determines it
             base["config_hash"] = out["artifact"][:16]
         for record in out.get("history", []):
