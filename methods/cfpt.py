@@ -222,19 +222,25 @@ class _CrossLayerAttention(nn.Module):
                 for i, (unit, s, o) in enumerate(zip(self.units, shortcuts, out.split(sizes, dim=axis)))]
 
 
+def window_offsets(geometry: list[tuple[int, int, int]], dims: int) -> list[Tensor]:
+    """Per level, its window's token offsets from the centre, ``(tokens, dims)`` (2-D row-major),
+    rescaled to the first level's window for every level but the coarsest (official CCPE)."""
+    scale0 = geometry[0][0]
+    offsets = []
+    for j, (ws, _, _) in enumerate(geometry):
+        r = torch.arange(ws, dtype=torch.float64) - ws // 2
+        if j < len(geometry) - 1:
+            r = r * scale0 / ws
+        offsets.append(torch.stack(torch.meshgrid(r, r, indexing="ij")).flatten(1).t() if dims == 2 else r[:, None])
+    return offsets
+
+
 class CrossLayerSpatialAttention(_CrossLayerAttention):
     """CSA: for each pixel of the coarsest level, one window of every level, scale-matched."""
 
     def __init__(self, dim: int, heads: int = 4, mlp_ratio: float = 2.0, reduction: int = 4, beta: int = 1):
         geometry = window_geometry(beta, 2)
-        scale0 = geometry[0][0]
-        offsets = []
-        for j, (ws, _, _) in enumerate(geometry):
-            r = torch.arange(ws, dtype=torch.float64) - ws // 2
-            if j < len(geometry) - 1:
-                r = r * scale0 / ws
-            offsets.append(torch.stack(torch.meshgrid(r, r, indexing="ij")).flatten(1).t())  # row-major
-        super().__init__(dim, heads, mlp_ratio, reduction, geometry, offsets)
+        super().__init__(dim, heads, mlp_ratio, reduction, geometry, window_offsets(geometry, dims=2))
 
     def _tokens(self, qkv: Tensor, level: int, grid: tuple[int, int]) -> Tensor:
         ws, stride, pad = self.geometry[level]
@@ -256,12 +262,7 @@ class CrossLayerChannelAttention(_CrossLayerAttention):
 
     def __init__(self, dim: int, heads: int = 4, mlp_ratio: float = 2.0, reduction: int = 4, alpha: int = 1):
         geometry = window_geometry(alpha, 4)
-        scale0 = geometry[0][0]
-        offsets = []
-        for j, (ws, _, _) in enumerate(geometry):
-            r = torch.arange(ws, dtype=torch.float64) - ws // 2
-            offsets.append((r * scale0 / ws if j < len(geometry) - 1 else r)[:, None])
-        super().__init__(dim, heads, mlp_ratio, reduction, geometry, offsets)
+        super().__init__(dim, heads, mlp_ratio, reduction, geometry, window_offsets(geometry, dims=1))
         self.unshuffle = [2 ** (NUM_LEVELS - 1 - j) for j in range(NUM_LEVELS)]
 
     def _tokens(self, qkv: Tensor, level: int, grid: tuple[int, int]) -> Tensor:
