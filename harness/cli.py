@@ -110,6 +110,13 @@ def cmd_methods(args) -> int:
             print(f"    {doc[0]}")
         for field, typ, default in cls.describe():
             print(f"    {field}: {typ} = {default!r}")
+    from harness.necks import NECKS
+    print("\nnecks (detector.neck; fields go in detector.neck_config):")
+    for name in NECKS.names():
+        cls = NECKS.get(name)
+        print(f"{name}  (serves: {', '.join(cls.archs)})")
+        for field, info in cls.Config.model_fields.items():
+            print(f"    {field}: {getattr(info.annotation, '__name__', info.annotation)} = {info.default!r}")
     return 0
 
 
