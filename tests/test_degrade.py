@@ -271,8 +271,14 @@ def test_render_rejects_file_name_outside_root(tmp_path):
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "../x.png", "width": 40,
                                            "height": 40}],
                                "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(DataError, match="inside the image folder"):  # the loader refuses it first
+        load_coco(ann, tmp_path / "root")
+    Image.new("RGB", (40, 40)).save(tmp_path / "root" / "x.png")
+    ann.write_text(ann.read_text().replace("../x.png", "x.png"))
+    index = load_coco(ann, tmp_path / "root")
+    index.images[0]["file_name"] = "../x.png"  # an index changed after loading: the render cache still refuses
     with pytest.raises(DataError, match="outside"):
-        render_condition(load_coco(ann, tmp_path / "root"), Condition("fog", 1), tmp_path / "c")
+        render_condition(index, Condition("fog", 1), tmp_path / "c")
 
 
 # --------------------------------------------------------------------- twins
