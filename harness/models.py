@@ -88,10 +88,9 @@ def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithNeck:
     body, layers, channels = backbone_body(spec)
     used = len(LEVELS[arch][0])  # RetinaNet starts at C3, Faster R-CNN at C2
     layers, channels = layers[-used:], channels[-used:]
-    neck_cls = NECKS.get(spec.neck, field="detector.neck")
     neck = build_neck(spec.neck, spec.neck_config, channels, spec.fpn_width, arch)
     return BackboneWithNeck(body, {name: str(i) for i, name in enumerate(layers)}, neck,
-                            getattr(neck_cls, "module_name", "neck"), spec.fpn_width)
+                            NECKS.get(spec.neck).module_name, spec.fpn_width)
 
 
 def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None) -> nn.Module:
