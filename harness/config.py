@@ -95,8 +95,19 @@ class DetectorSpec(Strict):
     # max_size. Unset: image_size.
     min_size: int | list[int] | None = None
     max_size: int | None = None
-    norm: Literal["bn", "gn", "frozen_bn"] = "bn"
-    init_checkpoint: str | None = None  # local file, loaded with weights_only=True
+    # Backbone normalisation. None: frozen BN when pretrained weights are given (backbone_weights or
+    # init_checkpoint; torchvision's rule, except its v2 recipes, which train BN), else BN.
+    norm: Literal["bn", "gn", "frozen_bn"] | None = None
+    # torchvision's exact detectors (harness.presets): fasterrcnn_resnet50_fpn(_v2),
+    # retinanet_resnet50_fpn(_v2), fasterrcnn_mobilenet_v3_large_fpn; sizes 800/1333 unless set.
+    preset: Literal["torchvision_v1", "torchvision_v2"] | None = None
+    # A classification checkpoint for the backbone body: a local file, or
+    # "torchvision:<Weights enum>.<member>" resolved to torchvision's cache file (never downloaded).
+    backbone_weights: str | None = None
+    # Backbone stages that get gradients, torchvision's meaning (5: all, 0: none).
+    # None: 3 with pretrained weights, else 5.
+    trainable_layers: int | None = Field(None, ge=0, le=5)
+    init_checkpoint: str | None = None  # a whole detector: local file or "torchvision:<Weights>.<member>"
     rpn_batch_size_per_image: int = 128
     box_batch_size_per_image: int = 128
     detections_per_img: int = 100
@@ -114,14 +125,38 @@ class DetectorSpec(Strict):
 
     @property
     def min_sizes(self) -> tuple[int, ...]:
-        """Shorter-side sizes (training picks one per batch; evaluation uses the last)."""
+        """Shorter-side sizes (training picks one per batch; evaluation uses the last).
+
+        Unset: ``image_size``, or torchvision's 800 under a preset."""
         if self.min_size is None:
-            return (self.image_size,)
+            return (800,) if self.preset else (self.image_size,)
         return tuple(self.min_size) if isinstance(self.min_size, list) else (self.min_size,)
 
     @property
     def resize_max(self) -> int:
-        return self.max_size if self.max_size is not None else max(self.image_size, *self.min_sizes)
+        """The longer side's limit. Unset: ``image_size`` (square inputs), or 1333 under a preset."""
+        if self.max_size is not None:
+            return self.max_size
+        return max(1333 if self.preset else self.image_size, *self.min_sizes)
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the detector starts from pretrained weights (torchvision's ``is_trained``)."""
+        return bool(self.backbone_weights or self.init_checkpoint)
+
+    @property
+    def norm_kind(self) -> str:
+        """The backbone's normalisation: ``norm``, or torchvision's default for the recipe."""
+        if self.norm is not None:
+            return self.norm
+        return "frozen_bn" if self.pretrained and self.preset != "torchvision_v2" else "bn"
+
+    @property
+    def trainable_stages(self) -> int:
+        """Backbone stages with gradients: ``trainable_layers`` or torchvision's default (3 / 5)."""
+        if self.trainable_layers is not None:
+            return self.trainable_layers
+        return 3 if self.pretrained else 5
 
 
 class ScheduleSpec(Strict):
@@ -146,6 +181,12 @@ class ScheduleSpec(Strict):
     # (``no_weight_decay()``, e.g. relative position tables); None: weight_decay for all.
     norm_weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = 10.0
+    # Mixed precision: forward and losses under torch.autocast (fp16 + GradScaler on CUDA, bf16 on CPU);
+    # loss terms that need full precision compute in fp32 inside it.
+    amp: bool = False
+    # Batches of images with similar aspect ratios (torchvision references' GroupedBatchSampler):
+    # 2 * factor + 1 bins of log2 aspect ratio; None: plain shuffled batches.
+    aspect_ratio_group_factor: int | None = Field(None, ge=0)
     eval_every: int = Field(1, ge=1)  # validation AP every N epochs (and always at the end)
 
     @model_validator(mode="after")

@@ -72,7 +72,7 @@ class BackboneWithNeck(nn.Module):
 
 def backbone_body(spec: DetectorSpec) -> tuple[nn.Module, list[str], list[int]]:
     """The classification network, the names of its stages of strides 4..32 and their channels."""
-    norm = norm_layer(spec.norm)
+    norm = norm_layer(spec.norm_kind)
     if spec.backbone.startswith("resnet"):
         body = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
         wide = spec.backbone in ("resnet50", "resnet101")
@@ -123,7 +123,7 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
                           fg_iou_thresh=spec.retina_fg_iou, bg_iou_thresh=spec.retina_bg_iou, **common)
     else:
         raise ConfigError(f"unknown detector arch {arch!r}", field="detector.arch")
-    if spec.norm == "frozen_bn":
+    if spec.norm_kind == "frozen_bn":
         overwrite_eps(model, 0.0)
     if spec.init_checkpoint:
         load_checkpoint(model, spec.init_checkpoint)
@@ -192,7 +192,7 @@ def describe(spec: DetectorSpec, arch: str) -> str:
     sizes = spec.min_sizes
     size = (f"{spec.image_size}px" if sizes == (spec.image_size,) and spec.resize_max == spec.image_size
             else f"{'-'.join(map(str, sizes))}x{spec.resize_max}px")
-    return f"{arch}/{spec.backbone}/{spec.neck}{spec.fpn_width}/{size}/{spec.norm}"
+    return f"{arch}/{spec.backbone}/{spec.neck}{spec.fpn_width}/{size}/{spec.norm_kind}"
 
 
 __all__ = ["build_detector", "build_backbone", "backbone_body", "BackboneWithNeck", "load_checkpoint", "load_state", "describe",
