@@ -37,7 +37,8 @@ def _job(cfg: dict) -> StageJob:
                     detector=method.stage_detector(stage, DetectorSpec(**cfg["detector"])), arch=cfg["arch"],
                     schedule=method.stage_schedule(stage, ScheduleSpec(**cfg["schedule"])), seed=cfg["seed"],
                     artifacts={k: Path(v) for k, v in cfg["artifacts"].items()},
-                    conditions=cfg.get("conditions", []))
+                    conditions=cfg.get("conditions", []), checkpoint=cfg.get("checkpoint"),
+                    checkpoint_classes=cfg.get("checkpoint_classes"))
 
 
 def stage_artifact_key(cell: dict, stage: str) -> str:
@@ -77,8 +78,8 @@ def train_worker(cfg: dict) -> dict:
             resumes = meta["resumes"] + 1
             model_state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=True)
 
-    def on_epoch(st: StageState, model, optimizer) -> None:
-        record = st.history[-1]
+    def on_epoch(st: StageState, model, resumable) -> None:
+        record = st.history[-1] if st.history else {}  # an evaluation-only stage has no epochs
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(stage=job.stage, epoch=st.epoch, resumes=resumes,
                        **{k: v for k, v in st.last_eval.items()})  # AP, AP50, ... for Tune/ASHA
@@ -87,9 +88,8 @@ def train_worker(cfg: dict) -> dict:
             # Uploaded in the background while the next epoch trains; the detector weights
             # (the stage's output) only after the last epoch.
             tmp = Path(tempfile.mkdtemp(prefix="detbench-ckpt-"))
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                       tmp / "train_state.pt")
-            if st.epoch == job.schedule.epochs:
+            torch.save(resumable(), tmp / "train_state.pt")
+            if st.epoch == job.schedule.epochs and not job.checkpoint:
                 torch.save(job.method.detector_of(model).state_dict(), tmp / "detector.pt")
             (tmp / "state.json").write_text(json.dumps({"state": st.__dict__, "resumes": resumes},
                                                        default=float))

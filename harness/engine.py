@@ -22,7 +22,7 @@ from torch import nn
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.cost import detector_cost
 from harness.data.coco import CocoDetection, load_coco
-from harness.data.loader import eval_loader, load_split, train_loader
+from harness.data.loader import eval_loader, load_split, set_loader_epoch, train_loader
 from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
 from harness.method import Method, StageContext
 
@@ -129,26 +129,32 @@ def to_device(obj, device):
 @torch.no_grad()
 def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8, world_size: int = 1,
                       rank: int = 0, transform=None, protocol: str = "coco",
-                      class_names: list[str] | None = None) -> dict[str, float]:
+                      class_names: list[str] | None = None, amp: bool = False) -> dict[str, float]:
     """AP of ``detector`` on ``index`` (COCO or VisDrone protocol); images sharded over ranks.
 
-    ``class_names`` (the training classes, label = index + 1) maps predictions to a test set
+    ``class_names`` (the names of the detector's labels 1..N) maps predictions to a test set
     with its own categories by name; classes the test set lacks are not scored.
+    Every rank evaluates its shard; the detections are gathered and every rank computes the
+    same AP (no rank-0-only evaluation, no idle workers).
     """
     label_to_cat = index.label_to_cat_id
     if class_names is not None:
         by_name = {name: index.label_to_cat_id[i + 1] for i, name in enumerate(index.class_names)}
         label_to_cat = {i + 1: by_name[n] for i, n in enumerate(class_names) if n in by_name}
+    known = torch.tensor(sorted(label_to_cat))
     was_training = detector.training
     detector.eval()
+    dtype = autocast_dtype(device) if amp else None
     dets = []
     for images, targets in eval_loader(index, batch_size, world_size=world_size, rank=rank):
         if transform is not None:
             images = [transform(im) for im in images]
-        outputs = detector([im.to(device) for im in images])
-        keep = [torch.isin(o["labels"].cpu(), torch.tensor(sorted(label_to_cat))) for o in outputs]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = detector([im.to(device) for im in images])
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        keep = [torch.isin(o["labels"], known) for o in outputs]
         dets += coco_detections_from_outputs([t["image_id"] for t in targets],
-                                             [{k: v.cpu()[m] for k, v in o.items()} for o, m in zip(outputs, keep)],
+                                             [{k: v[m] for k, v in o.items()} for o, m in zip(outputs, keep)],
                                              label_to_cat)
     if world_size > 1:
         gathered: list = [None] * world_size
@@ -161,9 +167,34 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
     return evaluate_coco(index.gt_for_eval(), dets)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (with a loss scaler), bf16 elsewhere (CPU autocast supports bf16 only well)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@dataclass
+class Precision:
+    """A stage's arithmetic: the autocast dtype (None: fp32) and the loss scaler (a no-op unless fp16)."""
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def of(cls, schedule: ScheduleSpec, device: torch.device) -> "Precision":
+        dtype = autocast_dtype(device) if schedule.amp else None
+        return cls(dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
 @dataclass
 class StageJob:
-    """Everything one worker needs to train one stage (JSON-able pieces only)."""
+    """Everything one worker needs to train one stage (JSON-able pieces only).
+
+    ``checkpoint``: detector weights to evaluate instead of training (``detbench eval``);
+    ``checkpoint_classes``: the names of its labels 1..N when they are not the dataset's
+    (a torchvision COCO checkpoint predicts COCO's 90 categories).
+    """
     method: Method
     stage: str
     dataset: dict
@@ -173,6 +204,8 @@ class StageJob:
     seed: int
     artifacts: dict = field(default_factory=dict)
     conditions: list = field(default_factory=list)  # degraded test sets (harness.data.loader.prepare_conditions)
+    checkpoint: str | None = None
+    checkpoint_classes: list[str] | None = None
 
 
 @dataclass
@@ -185,14 +218,134 @@ class StageState:
     cost: dict = field(default_factory=dict)        # harness.cost metrics of the final detector
 
 
+#: Steps between two looks at the loss's finiteness: each look is a host sync (and, under DDP,
+#: a collective), so the loop does not stall the device every step; a non-finite loss fails the
+#: trial anyway, a few steps late.
+FINITE_CHECK_EVERY = 20
+
+
+class FiniteWatch:
+    """Notes, on the device, the first step whose loss was not finite and its terms."""
+
+    def __init__(self, device: torch.device):
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def note(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        first = ~torch.isfinite(loss.detach()) & ~self.bad
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        for k, v in terms.items():
+            v = v.detach().float().reshape(())
+            self.terms[k] = torch.where(first, v, self.terms.get(k, v))
+        self.bad = self.bad | first
+
+    def check(self, epoch: int, world_size: int) -> None:
+        flag = self.bad.float().reshape(1)
+        if world_size > 1:
+            dist.all_reduce(flag)
+        if flag.item():
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in self.terms.items()) if self.bad else "on another rank"
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {int(self.step) + 1}: {detail}")
+
+
+def set_lr(optimizer, it: int, total: int, s: ScheduleSpec) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = s.base_lr * lr_factor(it, total, s)
+
+
+def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimizer, loader, ctx: StageContext,
+                    precision: Precision, *, epoch: int, total_steps: int, world_size: int = 1,
+                    max_steps: int | None = None) -> dict[str, float]:
+    """One epoch of SGD; the mean of every loss term (over steps and ranks) as ``train/<term>``.
+
+    Loss values stay on the device (summed there) and finiteness is looked at every
+    :data:`FINITE_CHECK_EVERY` steps: no host sync per step.
+    """
+    s, device = job.schedule, ctx.device
+    sums: dict[str, torch.Tensor] = {}
+    watch = FiniteWatch(device)
+    steps = 0
+    for step, (images, targets) in enumerate(loader):
+        ctx.step_in_epoch = step
+        set_lr(optimizer, epoch * len(loader) + step, total_steps, s)
+        images, targets = to_device(images, device), to_device(targets, device)
+        with precision.autocast(device):
+            terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
+            loss = sum(terms.values())
+        watch.note(step, loss, terms)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        if s.grad_clip:
+            precision.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        job.method.after_step(job.stage, model, ctx)
+        for k, v in (*terms.items(), ("loss", loss)):
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        steps += 1
+        if steps % FINITE_CHECK_EVERY == 0 or step + 1 == len(loader) or steps == max_steps:
+            watch.check(epoch, world_size)
+        if max_steps is not None and steps >= max_steps:
+            break
+    values = {k: float(v) for k, v in zip(sums, torch.stack(list(sums.values())).tolist())} if sums else {}
+    return {f"train/{k}": v / max(1, steps) for k, v in _all_mean(values, world_size).items()}
+
+
+def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageState, ctx: StageContext, *,
+                   final: bool, train_classes: list[str],
+                   on_condition: Callable[[StageState], None] | None = None) -> dict[str, float]:
+    """Validation AP (``state.last_eval``); after the last epoch also the cost and every test condition.
+
+    Conditions already in ``state.conditions`` are skipped (a resumed evaluation), and
+    ``on_condition`` is called after each one so it can be checkpointed.
+    """
+    classes = job.checkpoint_classes
+    common = dict(device=ctx.device, world_size=ctx.world_size, rank=ctx.rank, amp=job.schedule.amp)
+    state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.get("protocol", "coco"),
+                                        class_names=classes, **common)
+    if not final:
+        return state.last_eval
+    if hasattr(getattr(detector, "backbone", None), "neck_name"):
+        state.cost = detector_cost(detector, job.detector).as_metrics()
+    for cond in job.conditions:  # degraded test sets: once, with the final model
+        if cond["label"] in state.conditions:
+            continue
+        index = load_coco(cond["annotations"], cond["images"], check_images=False)
+        names = classes or (train_classes if cond["by_name"] else None)
+        state.conditions[cond["label"]] = evaluate_detector(detector, index, protocol=cond["protocol"],
+                                                            class_names=names, **common)
+        if on_condition:
+            on_condition(state)
+    return state.last_eval
+
+
+def grouped_loader(dataset, train_index, per_worker: int, s: ScheduleSpec, *, seed: int, world_size: int,
+                   rank: int):
+    """The training loader; with ``aspect_ratio_group_factor``, batches of similar aspect ratio."""
+    ratios = None
+    if s.aspect_ratio_group_factor is not None:
+        n = len(train_index)
+        if len(dataset) % n:
+            log.warning("aspect-ratio grouping skipped: the method's training set (%d items) is not the "
+                        "detection set (%d images) repeated", len(dataset), n)
+        else:
+            ratios = [train_index.images[i % n]["width"] / train_index.images[i % n]["height"]
+                      for i in range(len(dataset))]
+    return train_loader(dataset, per_worker, seed=seed, world_size=world_size, rank=rank,
+                        aspect_ratios=ratios, group_factor=s.aspect_ratio_group_factor)
+
+
 def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank: int = 0,
               state: StageState | None = None, model_state: dict | None = None,
-              on_epoch: Callable[[StageState, nn.Module, torch.optim.Optimizer], None] | None = None,
+              on_epoch: Callable[[StageState, nn.Module, Callable[[], dict]], None] | None = None,
               max_steps: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None
               ) -> tuple[StageState, nn.Module]:
-    """Train one stage; returns its final state (history + final evaluation) and the model.
+    """Train one stage (or, with ``job.checkpoint``, only evaluate it); returns its final state and model.
 
-    ``on_epoch`` is called after every epoch (Ray reports and checkpoints there).
+    ``on_epoch(state, model, resumable)`` is called after every epoch (Ray reports and
+    checkpoints there; ``resumable()`` gives the model, optimizer and scaler states).
     ``max_steps`` stops early (benchmarks). ``wrap`` wraps the model for DDP.
     """
     seed_everything(job.seed * 1000 + rank)
@@ -203,78 +356,66 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
                        num_classes=len(train_index.class_names), class_names=train_index.class_names,
                        device=device, seed=job.seed, world_size=world_size, rank=rank,
                        artifacts=dict(job.artifacts), conditions=list(job.conditions))
+    state = state or StageState()
+    if job.checkpoint:
+        return evaluate_checkpoint(job, ctx, val_index, state, on_epoch), None
     model = job.method.build_model(job.stage, ctx).to(device)
     optimizer = build_optimizer(model, s)
-    state = state or StageState()
+    precision = Precision.of(s, device)
     if model_state is not None:
         model.load_state_dict(model_state["model"])
         optimizer.load_state_dict(model_state["optimizer"])
-    per_worker = max(1, s.batch_size // world_size)
-    dataset = job.method.train_dataset(job.stage, ctx, CocoDetection(train_index))
-    loader = train_loader(RepeatedDataset(dataset, job.dataset.get("repeat", 1)), per_worker,
-                          seed=job.seed, world_size=world_size, rank=rank)
+        if "scaler" in model_state:
+            precision.scaler.load_state_dict(model_state["scaler"])
+    dataset = RepeatedDataset(job.method.train_dataset(job.stage, ctx, CocoDetection(train_index)),
+                              job.dataset.get("repeat", 1))
+    loader = grouped_loader(dataset, train_index, max(1, s.batch_size // world_size), s, seed=job.seed,
+                            world_size=world_size, rank=rank)
     ctx.steps_per_epoch = len(loader)
-    total_steps = s.epochs * len(loader)
     trained = wrap(model) if wrap else model
-    steps = 0
+
+    def resumable() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": precision.scaler.state_dict()}
+
     for epoch in range(state.epoch, s.epochs):
         ctx.epoch = epoch
-        loader.sampler.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
+        set_loader_epoch(loader, epoch)
         trained.train()
-        sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        for step, (images, targets) in enumerate(loader):
-            ctx.step_in_epoch = step
-            it = epoch * len(loader) + step
-            for g in optimizer.param_groups:
-                g["lr"] = s.base_lr * lr_factor(it, total_steps, s)
-            images, targets = to_device(images, device), to_device(targets, device)
-            terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
-            loss = sum(terms.values())
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-            if world_size > 1:
-                dist.all_reduce(bad)
-            if bad.item():
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1}: "
-                                    + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
-            job.method.after_step(job.stage, model, ctx)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            steps += 1
-            if max_steps is not None and steps >= max_steps:
-                return state, model
-        record = {f"train/{k}": v / max(1, len(loader)) for k, v in _all_mean(sums, world_size).items()}
+        record = train_one_epoch(job, model, trained, optimizer, loader, ctx, precision, epoch=epoch,
+                                 total_steps=s.epochs * len(loader), world_size=world_size, max_steps=max_steps)
+        if max_steps is not None:
+            return state, model
         record["time/epoch_s"] = time.perf_counter() - t0
         record["lr"] = optimizer.param_groups[0]["lr"]
         record.update(job.method.epoch_metrics(job.stage, model, ctx))
-        due = (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs
-        if due and job.method.evaluates(job.stage):
-            detector = job.method.detector_of(model)
-            protocol = job.dataset.get("protocol", "coco")
-            state.last_eval = evaluate_detector(detector, val_index, device=device, world_size=world_size,
-                                                rank=rank, protocol=protocol)
+        final = epoch + 1 == s.epochs
+        if (final or (epoch + 1) % s.eval_every == 0) and job.method.evaluates(job.stage):
+            evaluate_stage(job, job.method.detector_of(model), val_index, state, ctx, final=final,
+                           train_classes=train_index.class_names)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
-            if epoch + 1 == s.epochs and hasattr(detector.backbone, "neck_name"):
-                state.cost = detector_cost(detector, job.detector).as_metrics()
-            if epoch + 1 == s.epochs:  # degraded test sets: once, with the final model
-                for cond in job.conditions:
-                    index = load_coco(cond["annotations"], cond["images"], check_images=False)
-                    state.conditions[cond["label"]] = evaluate_detector(
-                        detector, index, device=device, world_size=world_size, rank=rank,
-                        protocol=cond["protocol"], class_names=train_index.class_names if cond["by_name"] else None)
         state.epoch = epoch + 1
         record["epoch"] = state.epoch
         state.history.append(record)
         if on_epoch:
             t1 = time.perf_counter()
-            on_epoch(state, model, optimizer)
+            on_epoch(state, model, resumable)
             record["time/report_s"] = time.perf_counter() - t1  # reporting + checkpoint cost
     return state, model
+
+
+def evaluate_checkpoint(job: StageJob, ctx: StageContext, val_index, state: StageState,
+                        on_epoch=None) -> StageState:
+    """``detbench eval``: the stage's detector with ``job.checkpoint``'s weights, on every test set."""
+    from harness.models import build_detector, load_state
+    weights = load_state(job.checkpoint)
+    classes = job.checkpoint_classes or ctx.class_names
+    detector = build_detector(job.detector, len(classes), arch=job.arch)
+    detector.load_state_dict(weights, strict=True)
+    detector.to(ctx.device)
+    report = (lambda st: on_epoch(st, detector, lambda: {})) if on_epoch else None
+    evaluate_stage(job, detector, val_index, state, ctx, final=True, train_classes=ctx.class_names,
+                   on_condition=report)
+    state.history = []
+    return state

@@ -27,6 +27,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from harness.config import DetectorSpec
 from harness.errors import ConfigError
 from harness.necks import LEVELS, NECKS, build_neck
+from harness.weights import freeze_stages, load_backbone_weights, resolve
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,19 @@ def backbone_body(spec: DetectorSpec) -> tuple[nn.Module, list[str], list[int]]:
     """The classification network, the names of its stages of strides 4..32 and their channels."""
     norm = norm_layer(spec.norm_kind)
     if spec.backbone.startswith("resnet"):
-        body = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
+        net = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
         wide = spec.backbone in ("resnet50", "resnet101")
-        return body, ["layer1", "layer2", "layer3", "layer4"], [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
-    if spec.backbone == "mobilenet_v3":
-        body = mobilenet_v3_large(weights=None, norm_layer=norm).features
-        return body, ["3", "6", "12", "16"], [24, 40, 112, 960]  # blocks of strides 4, 8, 16, 32
-    raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")  # guarded by config
+        layers, channels = ["layer1", "layer2", "layer3", "layer4"], [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
+    elif spec.backbone == "mobilenet_v3":
+        net = mobilenet_v3_large(weights=None, norm_layer=norm)
+        layers, channels = ["3", "6", "12", "16"], [24, 40, 112, 960]  # blocks of strides 4, 8, 16, 32
+    else:
+        raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")  # guarded by config
+    if spec.backbone_weights:
+        load_backbone_weights(net, spec.backbone_weights)
+    body = net if spec.backbone.startswith("resnet") else net.features
+    freeze_stages(body, spec.backbone, spec.trainable_stages)
+    return body, layers, channels
 
 
 def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithNeck:
@@ -99,6 +106,20 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
     ``arch`` overrides ``spec.arch`` (a method plugin knows which detector it trains).
     """
     arch = arch or spec.arch or "faster_rcnn"
+    if spec.preset:  # torchvision's own detector, module for module (harness.presets)
+        from harness.presets import build_preset
+        model = build_preset(spec, num_classes, arch)
+    else:
+        model = _build_scaled(spec, num_classes, arch)
+    if spec.norm_kind == "frozen_bn":
+        overwrite_eps(model, 0.0)
+    if spec.init_checkpoint:
+        load_checkpoint(model, spec.init_checkpoint)
+    return model
+
+
+def _build_scaled(spec: DetectorSpec, num_classes: int, arch: str) -> nn.Module:
+    """detbench's detector for small images: anchors scaled with the image size, any neck, GN head."""
     backbone = build_backbone(spec, arch)
     s = base_anchor_size(max(spec.min_sizes))
     common = dict(min_size=spec.min_sizes, max_size=spec.resize_max, detections_per_img=spec.detections_per_img)
@@ -123,10 +144,6 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
                           fg_iou_thresh=spec.retina_fg_iou, bg_iou_thresh=spec.retina_bg_iou, **common)
     else:
         raise ConfigError(f"unknown detector arch {arch!r}", field="detector.arch")
-    if spec.norm_kind == "frozen_bn":
-        overwrite_eps(model, 0.0)
-    if spec.init_checkpoint:
-        load_checkpoint(model, spec.init_checkpoint)
     return model
 
 
@@ -148,7 +165,10 @@ def detection_losses(detector: nn.Module, images, features, targets: list[dict])
 
 
 def retinanet_head_norm(spec: DetectorSpec):
-    return partial(nn.GroupNorm, math.gcd(32, spec.fpn_width))
+    """The RetinaNet head's norm: none in torchvision's v1 preset, GN(32) in v2, GN otherwise."""
+    if spec.preset == "torchvision_v1":
+        return None
+    return partial(nn.GroupNorm, 32 if spec.preset else math.gcd(32, spec.fpn_width))
 
 
 def replace_classification_head(model: nn.Module, head_cls, spec: DetectorSpec, **kwargs) -> nn.Module:
@@ -177,7 +197,10 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> None:
-    """Load matching tensors (by name and shape) into ``model``; log what did not match."""
+    """Load matching tensors (by name and shape) into ``model``; log what did not match.
+
+    ``path``: a local file or a ``torchvision:<Weights>.<member>`` name (:mod:`harness.weights`)."""
+    path = resolve(str(path), field="detector.init_checkpoint")
     state = {k[len(prefix):]: v for k, v in load_state(path).items() if k.startswith(prefix)}
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -192,6 +215,8 @@ def describe(spec: DetectorSpec, arch: str) -> str:
     sizes = spec.min_sizes
     size = (f"{spec.image_size}px" if sizes == (spec.image_size,) and spec.resize_max == spec.image_size
             else f"{'-'.join(map(str, sizes))}x{spec.resize_max}px")
+    if spec.preset:
+        return f"{arch}/{spec.backbone}/{spec.preset}/{size}/{spec.norm_kind}"
     return f"{arch}/{spec.backbone}/{spec.neck}{spec.fpn_width}/{size}/{spec.norm_kind}"
 
 

@@ -33,7 +33,7 @@ def test_two_epochs_history_and_eval(tiny_data):
 def test_resume_from_state_skips_done_epochs(tiny_data):
     state, model = run_stage(job(tiny_data, epochs=1), device=torch.device("cpu"))
     opt_state = {"model": model.state_dict(),
-                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}  # no scaler: fp32 runs
     seen = []
     state2, _ = run_stage(job(tiny_data, epochs=2), device=torch.device("cpu"), state=state,
                           model_state=opt_state, on_epoch=lambda st, m, o: seen.append(st.epoch))

@@ -103,13 +103,33 @@ def load_split(prepared: PreparedDataset | dict, split: str, *, check_images: bo
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int, world_size: int = 1,
-                 rank: int = 0, num_workers: int = 0) -> DataLoader:
-    """Shuffled, sharded over DDP ranks; ``batch_size`` is per worker."""
+                 rank: int = 0, num_workers: int = 0, aspect_ratios: list[float] | None = None,
+                 group_factor: int | None = None) -> DataLoader:
+    """Shuffled, sharded over DDP ranks; ``batch_size`` is per worker.
+
+    With ``aspect_ratios`` (width / height per item) and ``group_factor``, batches hold images
+    of one aspect-ratio group (:class:`~harness.data.samplers.GroupedBatchSampler` over each
+    rank's shard, every image of the shard once per epoch).
+    """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
+    if aspect_ratios is not None and group_factor is not None:
+        from harness.data.samplers import GroupedBatchSampler, aspect_ratio_groups
+        batches = GroupedBatchSampler(sampler, aspect_ratio_groups(aspect_ratios, group_factor), batch_size)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_detection,
+                          generator=torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_detection, drop_last=len(dataset) > batch_size * world_size,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a :func:`train_loader` for ``epoch`` (its sampler or grouped batch sampler), and tell
+    the dataset (e.g. :class:`~harness.data.degrade.DegradedTwins`) when it wants to know."""
+    target = loader.batch_sampler if hasattr(loader.batch_sampler, "set_epoch") else loader.sampler
+    target.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
 
 
 def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank: int = 0) -> DataLoader:
