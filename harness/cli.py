@@ -21,6 +21,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from harness.runner import run_suite
+    board = run_suite(args.suite, address=args.address, out_dir=args.out, name=args.name,
+                      progress=not args.quiet, checkpoint=args.checkpoint, method=args.method)
+    print(f"\nleaderboard: {board}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from harness.dryrun import format_plan, plan_suite
+    print(format_plan(plan_suite(args.suite, cost_per_image_s=args.cost_per_image_s, measure=args.measure)))
+    return 0
+
+
 def cmd_resume(args) -> int:
     from harness.runner import resume_run
     board = resume_run(args.run_dir, address=args.address, progress=not args.quiet,
@@ -134,6 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--retry-failed", action="store_true", help="when resuming: rerun the failed cells too")
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on every dataset and test condition of a suite "
+                       "(through Ray; same rows and tables as a run)")
+    e.add_argument("suite")
+    e.add_argument("--checkpoint", required=True, help="detector weights: a file (e.g. a trial's detector.pt) or "
+                   "torchvision:<Weights>.<member> from torchvision's cache")
+    e.add_argument("--method", default=None, help="the suite method (label) whose detector the checkpoint is")
+    e.add_argument("--address", default=None, help="Ray cluster (as for run)")
+    e.add_argument("--out", default="results/runs", help="parent folder of run directories")
+    e.add_argument("--name", default=None, help="run directory name (default: eval-suite-timestamp)")
+    e.add_argument("--quiet", action="store_true", help="no progress display")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="dry run without Ray: cells, stages, epochs, images, resources, "
+                        "device-hours estimate")
+    pl.add_argument("suite")
+    pl.add_argument("--cost-per-image-s", type=float, default=None,
+                    help="training seconds per image per device, for the estimate")
+    pl.add_argument("--measure", action="store_true",
+                    help="measure the per-image cost: a few steps of each distinct detector on this machine")
+    pl.set_defaults(func=cmd_plan)
 
     rs = sub.add_parser("resume", help="continue a run whose driver stopped (finished trials are kept)")
     rs.add_argument("run_dir")

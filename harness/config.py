@@ -418,7 +418,9 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                 raise format_validation_error(err, str(path), model, ("methods", i, key)) from None
         plugin = method(method_config)
         for stage in plugin.active_stages:  # the detector each stage trains (a method may set the neck)
-            check_neck(plugin.stage_detector(stage, detector_for(suite, m)), method, path, m.detector, i)
+            stage_det = plugin.stage_detector(stage, detector_for(suite, m))
+            check_neck(stage_det, method, path, m.detector, i)
+            check_pretrained(stage_det, stage_det.arch or method.arch, path, m.detector, i, check_paths)
         if m.search:
             for key, dist in m.search.space.items():
                 field = f"methods[{i}].search.space.{key}"
@@ -435,7 +437,46 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
                               f"{_suggest(m.baseline, labels)}; labels: {', '.join(labels)}",
                               file=path, field=f"methods[{i}].baseline")
     data_cache = suite.data_cache and _resolve_path(suite.data_cache, base)
-    return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache, "conditions": conditions})
+    methods = [m.model_copy(update={"detector": _weights_paths(m.detector, base)}) for m in suite.methods]
+    detector = DetectorSpec.model_validate(_weights_paths(suite.detector.model_dump(), base))
+    return suite.model_copy(update={"datasets": datasets, "data_cache": data_cache, "conditions": conditions,
+                                    "methods": methods, "detector": detector})
+
+
+WEIGHT_FIELDS = ("backbone_weights", "init_checkpoint")
+
+
+def _weights_paths(detector: dict, base: Path) -> dict:
+    """Weight files named relative to the suite file made absolute (``torchvision:`` names kept)."""
+    return {k: _resolve_path(v, base) if k in WEIGHT_FIELDS and v and not v.startswith("torchvision:") else v
+            for k, v in detector.items()}
+
+
+def check_pretrained(det: DetectorSpec, arch: str, path: Path, overrides: dict, i: int, check_files: bool) -> None:
+    """A preset exists for the arch and backbone; weight files exist and fit the backbone (key by key)."""
+    where = {k: (f"methods[{i}].detector.{k}" if k in overrides else f"detector.{k}")
+             for k in ("preset", *WEIGHT_FIELDS)}
+    if det.preset:
+        from harness.presets import check_preset
+        try:
+            check_preset(det, arch)
+        except ConfigError as err:
+            raise ConfigError(err.message, file=path, field=where["preset"]) from None
+    if not check_files:
+        return
+    from harness.weights import resolve
+    for key in WEIGHT_FIELDS:
+        ref = getattr(det, key)
+        if not ref:
+            continue
+        try:
+            if key == "backbone_weights":
+                from harness.models import backbone_body
+                backbone_body(det)  # builds the classifier and loads the file into it: every key checked
+            else:
+                resolve(ref, field=where[key])
+        except ConfigError as err:
+            raise ConfigError(err.message, file=err.file or path, field=where[key]) from None
 
 
 def check_neck(det: DetectorSpec, method, path: Path, overrides: dict, i: int) -> None:

@@ -123,10 +123,13 @@ DRIVER_FILE = "driver.json"
 
 
 def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path = "results/runs",
-              name: str | None = None, progress: bool = True, retry_failed: bool = False) -> Path:
+              name: str | None = None, progress: bool = True, retry_failed: bool = False,
+              checkpoint: str | None = None, method: str | None = None) -> Path:
     """Run a suite end to end and return the path of its Markdown leaderboard.
 
     With ``name`` of an existing run directory under ``out_dir``, that run is resumed.
+    With ``checkpoint`` (``detbench eval``), nothing is trained: the checkpoint is evaluated as
+    method ``method``'s detector on every dataset and condition (:mod:`harness.checkpoint_eval`).
     """
     from harness.sweep import cluster_nodes, init_ray
 
@@ -135,12 +138,17 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
         return resume_run(Path(out_dir) / name, address=address, progress=progress, retry_failed=retry_failed)
     checked = prepare_suite(suite_path, progress=progress)
     suite, cells = checked.suite, checked.cells
+    if checkpoint:
+        from harness.checkpoint_eval import eval_cells
+        from harness.data.loader import load_split
+        cells = eval_cells(cells, checked.path, checkpoint, method,
+                           lambda d: load_split(d, "train", check_images=False).class_names)
     init_ray(address)
     nodes = cluster_nodes()
     concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(out_dir) / (name or f"{suite.name}-{stamp}")).resolve()
+    run_dir = (Path(out_dir) / (name or f"{'eval-' if checkpoint else ''}{suite.name}-{stamp}")).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
@@ -156,7 +164,9 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
                 if ray._private.worker._global_node else None,
                 "seeds": suite.seeds, "cells": [c["cell_id"] for c in cells],
                 "baselines": {method_label(m): m.baseline for m in suite.methods if m.baseline},
-                "concurrency": concurrency, "started": stamp}
+                "concurrency": concurrency, "started": stamp,
+                "checkpoint": {"path": cells[0]["checkpoint"], "sha256": cells[0]["checkpoint_sha256"]}
+                if checkpoint else None}
     atomic_write_json(manifest, run_dir / "manifest.json", indent=2, default=str)
     run = {"run_dir": str(run_dir), "run_id": run_dir.name, "suite": suite.name, "smoke": suite.smoke,
            "resources": suite.resources.model_dump(), "versions_json": json.dumps(versions),
