@@ -104,13 +104,13 @@ class DetectorSpec(Strict):
     # A classification checkpoint for the backbone body: a local file, or
     # "torchvision:<Weights enum>.<member>" resolved to torchvision's cache file (never downloaded).
     backbone_weights: str | None = None
-    # Backbone stages that get gradients, torchvision's meaning (5: all, 0: none).
-    # None: 3 with pretrained weights, else 5.
-    trainable_layers: int | None = Field(None, ge=0, le=5)
+    # Backbone stages that get gradients, torchvision's meaning (ResNet 0..5, MobileNetV3 0..6; 0: none).
+    # None: 3 with pretrained weights, else all.
+    trainable_layers: int | None = Field(None, ge=0, le=6)
     init_checkpoint: str | None = None  # a whole detector: local file or "torchvision:<Weights>.<member>"
     rpn_batch_size_per_image: int = 128
     box_batch_size_per_image: int = 128
-    detections_per_img: int = 100
+    detections_per_img: int | None = Field(None, ge=1)  # None: 100 (torchvision's RetinaNet preset: 300)
     retina_fg_iou: float = 0.5  # RetinaNet anchor matcher (torchvision's defaults)
     retina_bg_iou: float = 0.4
 
@@ -121,7 +121,21 @@ class DetectorSpec(Strict):
             raise ValueError(f"min_size must be an integer >= 32 or a non-empty list of them, got {self.min_size!r}")
         if max(sizes) > self.resize_max:
             raise ValueError(f"min_size {max(sizes)} is larger than max_size {self.resize_max}")
+        if self.trainable_layers is not None and self.trainable_layers > self.backbone_stages:
+            raise ValueError(f"trainable_layers of a {self.backbone} backbone is 0..{self.backbone_stages}, "
+                             f"got {self.trainable_layers}")
         return self
+
+    @property
+    def backbone_stages(self) -> int:
+        """Stages torchvision counts for ``trainable_layers``: 5 in a ResNet, 6 in MobileNetV3."""
+        return 6 if self.backbone == "mobilenet_v3" else 5
+
+    def max_detections(self, arch: str) -> int:
+        """Detections kept per image: ``detections_per_img``, or torchvision's default for the detector."""
+        if self.detections_per_img is not None:
+            return self.detections_per_img
+        return 300 if self.preset and arch == "retinanet" else 100
 
     @property
     def min_sizes(self) -> tuple[int, ...]:
@@ -156,7 +170,7 @@ class DetectorSpec(Strict):
         """Backbone stages with gradients: ``trainable_layers`` or torchvision's default (3 / 5)."""
         if self.trainable_layers is not None:
             return self.trainable_layers
-        return 3 if self.pretrained else 5
+        return 3 if self.pretrained else self.backbone_stages
 
 
 class ScheduleSpec(Strict):

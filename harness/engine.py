@@ -408,11 +408,16 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
 def evaluate_checkpoint(job: StageJob, ctx: StageContext, val_index, state: StageState,
                         on_epoch=None) -> StageState:
     """``detbench eval``: the stage's detector with ``job.checkpoint``'s weights, on every test set."""
+    from torchvision.models.detection._utils import overwrite_eps
+
     from harness.models import build_detector, load_state
+    from harness.weights import zero_eps_checkpoint
     weights = load_state(job.checkpoint)
     classes = job.checkpoint_classes or ctx.class_names
     detector = build_detector(job.detector, len(classes), arch=job.arch)
     detector.load_state_dict(weights, strict=True)
+    if job.detector.preset and zero_eps_checkpoint(job.checkpoint):
+        overwrite_eps(detector, 0.0)  # torchvision's legacy COCO_V1 files, as its builders do
     detector.to(ctx.device)
     report = (lambda st: on_epoch(st, detector, lambda: {})) if on_epoch else None
     evaluate_stage(job, detector, val_index, state, ctx, final=True, train_classes=ctx.class_names,

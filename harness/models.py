@@ -27,7 +27,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from harness.config import DetectorSpec
 from harness.errors import ConfigError
 from harness.necks import LEVELS, NECKS, build_neck
-from harness.weights import freeze_stages, load_backbone_weights, resolve
+from harness.weights import freeze_stages, load_backbone_weights, resolve, zero_eps_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,12 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
         model = build_preset(spec, num_classes, arch)
     else:
         model = _build_scaled(spec, num_classes, arch)
-    if spec.norm_kind == "frozen_bn":
+    if spec.norm_kind == "frozen_bn" and not spec.preset:
         overwrite_eps(model, 0.0)
     if spec.init_checkpoint:
         load_checkpoint(model, spec.init_checkpoint)
+        if spec.preset and zero_eps_checkpoint(spec.init_checkpoint):
+            overwrite_eps(model, 0.0)  # as torchvision does for its legacy COCO_V1 files, and only for them
     return model
 
 
@@ -122,7 +124,7 @@ def _build_scaled(spec: DetectorSpec, num_classes: int, arch: str) -> nn.Module:
     """detbench's detector for small images: anchors scaled with the image size, any neck, GN head."""
     backbone = build_backbone(spec, arch)
     s = base_anchor_size(max(spec.min_sizes))
-    common = dict(min_size=spec.min_sizes, max_size=spec.resize_max, detections_per_img=spec.detections_per_img)
+    common = dict(min_size=spec.min_sizes, max_size=spec.resize_max, detections_per_img=spec.max_detections(arch))
     if arch == "faster_rcnn":
         anchors = AnchorGenerator(tuple((s * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
         model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
@@ -130,7 +132,7 @@ def _build_scaled(spec: DetectorSpec, num_classes: int, arch: str) -> nn.Module:
                            box_batch_size_per_image=spec.box_batch_size_per_image,
                            rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
                            rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-                           box_detections_per_img=spec.detections_per_img,
+                           box_detections_per_img=spec.max_detections(arch),
                            **{k: v for k, v in common.items() if k != "detections_per_img"})
     elif arch == "retinanet":
         sizes = tuple((round(x), round(x * 2 ** (1 / 3)), round(x * 2 ** (2 / 3)))

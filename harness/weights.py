@@ -66,6 +66,17 @@ def resolve(ref: str, *, field: str | None = None, base: Path | None = None) -> 
     return path
 
 
+#: torchvision's two legacy COCO checkpoints were trained with FrozenBatchNorm2d's eps at 0; its
+#: builders set it back to 0 after loading them (``overwrite_eps``), and we do the same, by file name.
+ZERO_EPS_FILES = ("fasterrcnn_resnet50_fpn_coco-258fb6c6.pth", "retinanet_resnet50_fpn_coco-eeacb38b.pth")
+
+
+def zero_eps_checkpoint(ref: str) -> bool:
+    """Whether a detector checkpoint is one of torchvision's legacy COCO_V1 files (frozen BN eps 0)."""
+    name = cache_file(ref).name if ref.startswith(PREFIX) else Path(ref).name
+    return name in ZERO_EPS_FILES
+
+
 def _comparable(keys) -> set[str]:
     return {k for k in keys if not k.endswith("num_batches_tracked")}  # BN's counter: FrozenBN has none
 
@@ -115,4 +126,4 @@ def freeze_stages(body: nn.Module, backbone: str, trainable_layers: int) -> None
             p.requires_grad_(False)
 
 
-__all__ = ["resolve", "cache_file", "torchvision_weights", "load_backbone_weights", "freeze_stages"]
+__all__ = ["resolve", "cache_file", "zero_eps_checkpoint", "torchvision_weights", "load_backbone_weights", "freeze_stages"]

@@ -262,3 +262,48 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 64}}
     assert str(suite) in lines[0] and "resources" in lines[0] and "PENDING" in lines[0]
     assert "Token authentication" not in out.stderr + out.stdout  # Ray's notices stay out of the terminal
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- real-scale recipes
+def _resnet18_file(world, state=None) -> Path:
+    import torch
+    from torchvision.models import resnet18
+    path = world["tmp"] / "weights.pth"
+    torch.save(resnet18().state_dict() if state is None else state, path)
+    return path
+
+
+@pytest.mark.parametrize("case,named", [
+    ("not_state_dict", ("weights.pth", "detector.backbone_weights", "not a state dict")),
+    ("wrong_arch", ("weights.pth", "detector.backbone_weights", "key")),
+    ("missing_file", ("nowhere.pth", "detector.backbone_weights", "not found")),
+    ("torchvision_absent", ("detector.backbone_weights", "resnet18-f37072fd.pth", "hub/checkpoints")),
+    ("trainable_layers", ("suite.yaml", "detector.trainable_layers", "got 7")),
+    ("sizes", ("suite.yaml", "detector", "min_size 96 is larger than max_size 64")),
+    ("lr_steps", ("suite.yaml", "schedule", "lr_steps must be ascending epochs in 1..1")),
+    ("preset", ("suite.yaml", "detector.preset", "torchvision_v2")),
+    ("checkpoint_absent", ("detector.init_checkpoint", "not found")),
+])
+def test_bad_recipe_inputs(capsys, world, monkeypatch, case, named):
+    monkeypatch.setenv("TORCH_HOME", str(world["tmp"] / "torch"))
+    suite = world["suite"]
+    det = suite["detector"]
+    if case == "not_state_dict":
+        det["backbone_weights"] = str(_resnet18_file(world, [1, 2, 3]))
+    elif case == "wrong_arch":
+        det.update(backbone="resnet50", backbone_weights=str(_resnet18_file(world)))
+    elif case == "missing_file":
+        det["backbone_weights"] = str(world["tmp"] / "nowhere.pth")
+    elif case == "torchvision_absent":
+        det["backbone_weights"] = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    elif case == "trainable_layers":
+        det["trainable_layers"] = 7
+    elif case == "sizes":
+        det.update(min_size=96, max_size=64)
+    elif case == "lr_steps":
+        suite["schedule"].update(lr_schedule="multistep", lr_steps=[3])
+    elif case == "preset":
+        det.update(preset="torchvision_v2", backbone="mobilenet_v3")
+    elif case == "checkpoint_absent":
+        det["init_checkpoint"] = str(world["tmp"] / "nowhere.pt")
+    refused(capsys, world, write_suite(world, suite), *named)

@@ -65,3 +65,29 @@ def test_nan_loss_raises_with_term_names(tiny_data):
 def test_method_base_requires_build_model():
     with pytest.raises(NotImplementedError):
         Method().build_model("train", None)
+
+
+def test_bf16_autocast_on_cpu_trains_and_checkpoints_the_scaler(tiny_data):
+    """schedule.amp on CPU: bf16 autocast, finite losses close to fp32's first step; the resumable
+    state carries the (disabled on CPU) scaler, which a resumed stage loads."""
+    saved = []
+    state, _ = run_stage(job(tiny_data, epochs=1, amp=True), device=torch.device("cpu"),
+                         on_epoch=lambda st, m, resumable: saved.append(resumable()))
+    fp32, _ = run_stage(job(tiny_data, epochs=1), device=torch.device("cpu"))
+    amp_loss, ref_loss = state.history[0]["train/loss"], fp32.history[0]["train/loss"]
+    assert torch.isfinite(torch.tensor(amp_loss)) and abs(amp_loss - ref_loss) < 0.1 * ref_loss
+    assert set(saved[0]) == {"model", "optimizer", "scaler"}
+    resumed, _ = run_stage(job(tiny_data, epochs=2, amp=True), device=torch.device("cpu"), state=state,
+                           model_state=saved[0])
+    assert resumed.epoch == 2
+
+
+def test_finiteness_is_looked_at_every_few_steps_not_every_step(tiny_data, monkeypatch):
+    """The loop's only host syncs: one finiteness look per FINITE_CHECK_EVERY steps (and at the end)."""
+    import harness.engine as engine
+    looks = []
+    original = engine.FiniteWatch.check
+    monkeypatch.setattr(engine.FiniteWatch, "check", lambda self, *a: (looks.append(1), original(self, *a)))
+    monkeypatch.setattr(engine, "FINITE_CHECK_EVERY", 2)
+    run_stage(job(tiny_data, epochs=1, batch_size=2), device=torch.device("cpu"))  # 6 steps
+    assert len(looks) == 3

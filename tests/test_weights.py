@@ -78,7 +78,7 @@ def test_torchvision_name_resolves_to_its_cache_file(tmp_path, monkeypatch):
 
 
 def test_trainable_layers_out_of_range_is_a_config_error():
-    with pytest.raises(ValueError, match="less than or equal to 5"):
+    with pytest.raises(ValueError, match="less than or equal to 6"):
         DetectorSpec(trainable_layers=7)
 
 
@@ -112,3 +112,17 @@ def test_checkpoint_label_space():
     assert checkpoint_classes("torchvision:FasterRCNN_ResNet50_FPN_Weights.COCO_V1", {}, ["a"]) == names[1:]
     with pytest.raises(ConfigError, match="predicts 2 classes, the dataset has 4"):
         checkpoint_classes("x.pt", own, ["a", "b", "c", "d"])
+
+
+def test_frozen_bn_eps_as_torchvision(tmp_path):
+    """torchvision zeroes FrozenBN's eps only after loading its two legacy COCO_V1 files."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    def eps(model):
+        return {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
+    preset = DetectorSpec(preset="torchvision_v1", backbone="resnet18", norm="frozen_bn", min_size=64, max_size=64)
+    assert eps(build_detector(preset, 2)) == {1e-5}
+    legacy = tmp_path / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    torch.save(build_detector(preset, 2).state_dict(), legacy)
+    assert eps(build_detector(preset.model_copy(update={"init_checkpoint": str(legacy)}), 2)) == {0.0}
+    assert eps(build_detector(DetectorSpec(fpn_width=16, image_size=64, norm="frozen_bn"), 2)) == {0.0}
