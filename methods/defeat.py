@@ -131,6 +131,16 @@ def gt_level_masks(boxes_per_image: Sequence[Tensor], feature_sizes: Sequence[tu
 
 
 # --------------------------------------------------------------------------- losses
+def _full_precision(x: Tensor) -> Tensor:
+    """``x`` in at least float32: fp16 / bf16 (autocast outputs) upcast, float32 / float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _autocast_off(x: Tensor):
+    """A context with autocast disabled for ``x``'s device: the ops inside run in their inputs' dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def make_adapters(channels: int, levels: int) -> nn.ModuleList:
     """One 3x3 conv per level, C -> C, no activation, initialised as the released code does.
 
@@ -159,11 +169,23 @@ def decoupled_neck_loss(student_feats, teacher_feats, masks: Sequence[Tensor], a
     :func:`gt_level_masks`; ``adapters``: one module per level (phi).
     ``L_fg = sum M (phi(S) - T)^2 / (2 max(1, C sum M))``, ``L_bg`` likewise with
     ``1 - M``.
+
+    Mixed precision: under autocast the features arrive in fp16 / bf16; the adapters and the
+    squared error are computed in float32 with autocast disabled (the adapters' weights are
+    ~1e-4, many below fp16's smallest normal 6e-5, and the sums run over whole FPN maps), result float32.
+    Gradients flow back to the student features in their own dtype.
     """
     s_list, t_list = _as_list(student_feats), _as_list(teacher_feats)
     if not (len(s_list) == len(t_list) == len(masks) == len(adapters)) or not s_list:
         raise ValueError(f"levels differ: {len(s_list)} student, {len(t_list)} teacher, {len(masks)} masks, "
                          f"{len(adapters)} adapters")
+    with _autocast_off(s_list[0]):
+        return _neck_loss([_full_precision(x) for x in s_list], [_full_precision(x) for x in t_list], masks,
+                          adapters, alpha_obj, alpha_bg)
+
+
+def _neck_loss(s_list: list[Tensor], t_list: list[Tensor], masks: Sequence[Tensor], adapters: Sequence[nn.Module],
+               alpha_obj: float, alpha_bg: float) -> Tensor:
     fg, bg = [], []
     for s, t, m, phi in zip(s_list, t_list, masks, adapters):
         if s.shape != t.shape or m.shape != (s.shape[0], *s.shape[2:]):
@@ -182,8 +204,17 @@ def decoupled_neck_loss(student_feats, teacher_feats, masks: Sequence[Tensor], a
 
 
 def _group_kl(zs: Tensor, zt: Tensor, temperature: float) -> Tensor:
-    if zs.shape[0] == 0:
-        return zs.sum() * 0.0  # keeps the graph connected
+    """Mean over rows of ``T^2 KL(softmax(zt / T) || softmax(zs / T))``, in float32 at least
+    (fp16 / bf16 logits from autocast are upcast, autocast is off: log-softmax differences and the
+    sum over classes lose the KL's small values in half precision)."""
+    with _autocast_off(zs):
+        zs, zt = _full_precision(zs), _full_precision(zt)
+        if zs.shape[0] == 0:
+            return zs.sum() * 0.0  # keeps the graph connected
+        return _kl_rows(zs, zt, temperature)
+
+
+def _kl_rows(zs: Tensor, zt: Tensor, temperature: float) -> Tensor:
     kl = F.kl_div(F.log_softmax(zs / temperature, dim=1), F.log_softmax(zt / temperature, dim=1),
                   reduction="none", log_target=True).sum(dim=1)
     return kl.mean() * temperature ** 2
@@ -196,6 +227,7 @@ def decoupled_kd_loss(student_logits: Tensor, teacher_logits: Tensor, is_positiv
 
     ``L_obj = T_obj^2 * mean over positive RoIs of KL(softmax(z_t / T_obj) || softmax(z_s / T_obj))``,
     ``L_bg`` likewise over the negative RoIs with ``T_bg``; an empty group contributes 0.
+    Computed in float32 at least (autocast's fp16 / bf16 logits are upcast), result float32.
     """
     if student_logits.shape != teacher_logits.shape or is_positive.shape != student_logits.shape[:1]:
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher "
@@ -224,6 +256,9 @@ def _teacher_proposals(rpn, images, features) -> list[Tensor]:
     anchors = rpn.anchor_generator(images, feats)
     per_level = [o[0].numel() for o in objectness]  # A * H * W
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    # float32 at least: under autocast the head's outputs are fp16 / bf16 and decoding in them
+    # would round the boxes (bf16: 4 px steps at 512 px) and tie the top-n scores
+    objectness, deltas = _full_precision(objectness), _full_precision(deltas)
     proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
     was = rpn.training
     rpn.training = True  # only pre/post_nms_top_n() read it here

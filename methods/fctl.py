@@ -87,15 +87,36 @@ SOBEL_EPS = 1e-6
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
+# --------------------------------------------------------------------------- mixed precision
+def _full_precision(x: Tensor) -> Tensor:
+    """``x`` in at least float32: fp16 / bf16 (autocast outputs) are upcast, float32 / float64 kept.
+
+    Differentiable: the gradient flows back to ``x`` in ``x``'s own dtype.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _autocast_off(x: Tensor):
+    """A context with autocast disabled for ``x``'s device: the ops inside run in their inputs' dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 # --------------------------------------------------------------------------- the loss
 def sobel_magnitude(feat: Tensor, eps: float = SOBEL_EPS) -> Tensor:
     """Per-channel Sobel gradient magnitude ``sqrt(Gx^2 + Gy^2 + eps)``, N x C x H x W in and out.
 
     Unnormalised 3x3 kernels ``[[-1,0,1],[-2,0,2],[-1,0,1]]`` (Gx) and its transpose
     (Gy), replicate padding: a constant map has zero gradient everywhere.
+    Computed in float32 at least (fp16 / bf16 input from autocast is upcast: ``eps`` = 1e-6
+    and the squared differences need it); float64 stays float64.
     """
     if feat.ndim != 4:
         raise ValueError(f"expected N x C x H x W features, got shape {tuple(feat.shape)}")
+    with _autocast_off(feat):
+        return _sobel_magnitude(_full_precision(feat), eps)
+
+
+def _sobel_magnitude(feat: Tensor, eps: float) -> Tensor:
     # Separable: Gx = [1,2,1]^T (smooth rows) x [-1,0,1] (difference columns), Gy transposed.
     p = F.pad(feat, (1, 1, 1, 1), mode="replicate")
     dx = p[..., :, 2:] - p[..., :, :-2]                        # [N, C, H+2, W]
@@ -172,12 +193,23 @@ class OmegaSum(torch.autograd.Function):
 
     Equal to ``omega_map_reference(d, r).sum() * (2r+1)^2``; see the module docstring for
     how it avoids the per-offset tensors. Memory: a few copies of one chunk of planes.
+
+    Mixed precision: forward and backward always compute in float32 at least, with autocast
+    disabled (``custom_fwd(cast_inputs=float32)`` would serve one device type only): an fp16 /
+    bf16 ``d`` is upcast (its sum over ~81 offsets and all planes would not survive half
+    precision, and autocast would run the weighted sum ``@`` in it); the value is float32 and
+    the gradient comes back in ``d``'s dtype.
     """
 
     @staticmethod
     def forward(ctx, d: Tensor, r: int) -> Tensor:
-        ctx.save_for_backward(d)
+        ctx.save_for_backward(d)  # as given (a half-precision d stays small); upcast again in backward
         ctx.r = r
+        with _autocast_off(d):
+            return OmegaSum._forward(_full_precision(d), r)
+
+    @staticmethod
+    def _forward(d: Tensor, r: int) -> Tensor:
         h, w = d.shape[-2:]
         planes = d.detach().reshape(-1, h, w)
         geometry = _offset_geometry(h, w, r, d.device, d.dtype)
@@ -196,7 +228,13 @@ class OmegaSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (d,) = ctx.saved_tensors
-        r = ctx.r
+        with _autocast_off(d):
+            grad = OmegaSum._backward(_full_precision(d), ctx.r)
+            return (grad * grad_out).to(d.dtype), None
+
+    @staticmethod
+    def _backward(d: Tensor, r: int) -> Tensor:
+        """d total / d d (float32 or float64, d's shape)."""
         h, w = d.shape[-2:]
         planes = d.reshape(-1, h, w)
         geometry = _offset_geometry(h, w, r, d.device, d.dtype)
@@ -220,7 +258,7 @@ class OmegaSum(torch.autograd.Function):
             g[:, r] += g[:, :r].sum(-2)
             g[:, r + h - 1] += g[:, r + h:].sum(-2)
             grad[s:s + step] = g[:, r:r + h, r:r + w]
-        return grad.view_as(d) * grad_out, None
+        return grad.view_as(d)
 
 
 def _local_mean(d: Tensor) -> Tensor:
@@ -244,10 +282,22 @@ def eansdl(feat_ideal: Tensor, feat_degraded: Tensor, level: int, *, r0: int = 4
     N x C x H x W. ``level``: 0 for the largest map (radius ``r0``), halving per level.
     ``progress`` = epoch / total epochs. ``reference=True`` computes Omega with
     :func:`omega_map_reference` (same value and gradient, much slower).
+
+    Under autocast (``schedule.amp``) the features arrive in fp16 / bf16: the loss is computed
+    in float32 with autocast disabled (differences of Sobel magnitudes, ``exp(-|D|)`` and the
+    Omega sums need it) and returned in float32; gradients flow back to the features in their
+    own dtype. float32 / float64 inputs are computed as they are.
     """
     if feat_ideal.shape != feat_degraded.shape or feat_ideal.ndim != 4:
         raise ValueError(f"ideal and degraded features must be equal N x C x H x W shapes, got "
                          f"{tuple(feat_ideal.shape)} and {tuple(feat_degraded.shape)}")
+    with _autocast_off(feat_degraded):
+        return _eansdl(feat_ideal, feat_degraded, level, r0, lambda_omega, progress, alpha, beta, reference)
+
+
+def _eansdl(feat_ideal: Tensor, feat_degraded: Tensor, level: int, r0: int, lambda_omega: float,
+            progress: float, alpha: float, beta: float, reference: bool) -> Tensor:
+    # sobel_magnitude upcasts itself: the checkpoint keeps the (half-precision) input only
     d = sobel_magnitude(feat_ideal) - _recomputed(sobel_magnitude, feat_degraded)
     local = _recomputed(_local_mean, d)
     r = level_radius(level, r0)

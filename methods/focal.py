@@ -27,7 +27,25 @@ def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
 
     ``alpha < 0`` disables the alpha weighting; ``gamma = 0`` with ``alpha = -1``
     is binary cross-entropy. Equal to ``torchvision.ops.sigmoid_focal_loss``.
+
+    Mixed precision: computed in float32 at least with autocast disabled (under autocast the
+    head's logits are fp16 / bf16: ``(1 - p_t)^gamma`` of easy negatives and the sum over all
+    anchors would not survive half precision); the result is float32 and the gradient flows
+    back to ``logits`` in its own dtype. float32 / float64 inputs are computed as they are.
     """
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    with _autocast_off(logits):
+        dtype = torch.promote_types(torch.promote_types(logits.dtype, targets.dtype), torch.float32)
+        return _focal_loss(logits.to(dtype), targets.to(dtype), alpha, gamma, reduction)
+
+
+def _autocast_off(x: Tensor):
+    """A context with autocast disabled for ``x``'s device: the ops inside run in their inputs' dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
@@ -38,9 +56,7 @@ def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
         return loss.sum()
     if reduction == "mean":
         return loss.mean()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    return loss
 
 
 def classification_targets(targets: list[dict], cls_logits: Tensor, matched_idxs: list[Tensor]

@@ -84,11 +84,27 @@ def momentum(step: int, total_steps: int, m0: float = 0.99) -> float:
     return 1.0 - (1.0 - m0) * (math.cos(math.pi * k / total) + 1.0) / 2.0
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    """``x`` in at least float32: fp16 / bf16 (autocast outputs) upcast, float32 / float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _autocast_off(x: Tensor):
+    """A context with autocast disabled for ``x``'s device: the ops inside run in their inputs' dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def byol_loss(online_pred: Tensor, target_proj: Tensor) -> Tensor:
-    """Mean over rows of ``2 - 2 cos(online_pred_i, target_proj_i)``; the target is detached."""
-    p = F.normalize(online_pred, dim=-1)
-    z = F.normalize(target_proj.detach(), dim=-1)
-    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+    """Mean over rows of ``2 - 2 cos(online_pred_i, target_proj_i)``; the target is detached.
+
+    Computed in float32 at least with autocast off (under autocast the projections are fp16 /
+    bf16: the norms and ``2 - 2 cos`` near an aligned pair cancel in half precision); the
+    result is float32, the gradient flows back to ``online_pred`` in its own dtype.
+    """
+    with _autocast_off(online_pred):
+        p = F.normalize(_full_precision(online_pred), dim=-1)
+        z = F.normalize(_full_precision(target_proj.detach()), dim=-1)
+        return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
 # --------------------------------------------------------------------------- model
@@ -146,7 +162,10 @@ class SoCoPretrainModel(nn.Module):
     def _embed(self, feats: list[Tensor], boxes: Tensor, box_head: nn.Module, projector: nn.Module) -> Tensor:
         """``[N, L, 4]`` view-pixel boxes -> ``[N * L, proj_dim]`` projections."""
         n, per = boxes.shape[:2]
-        flat = boxes.reshape(-1, 4).to(feats[0].dtype)
+        # float32 at least, not the features' dtype: under autocast those are fp16 / bf16, which
+        # would round the box coordinates (bf16: 1 px steps at 128-256 px) and the batch index;
+        # roi_align's autocast rule pools in float32
+        flat = boxes.reshape(-1, 4).to(torch.promote_types(feats[0].dtype, torch.float32))
         levels = assign_fpn_level(flat, self.level_sides)
         batch = torch.arange(n, device=flat.device).repeat_interleave(per).to(flat.dtype)
         rois = torch.cat([batch[:, None], flat], dim=1)
@@ -178,8 +197,9 @@ class SoCoPretrainModel(nn.Module):
         loss = (byol_loss(flat(q1[:, :K]), z2) + byol_loss(q2, flat(z1[:, :K]))
                 + byol_loss(flat(q1[:, K:]), z3) + byol_loss(q3, flat(z1[:, K:])))
         # Every FPN output takes part in the graph (a level may get no box this step): DDP
-        # then needs no find_unused_parameters. Adds exactly zero.
-        loss = loss + 0.0 * sum(f.sum() for f in f1 + f2 + f3)
+        # then needs no find_unused_parameters. Adds exactly zero. Summed in float32: an fp16
+        # map's sum overflows to inf under autocast, and 0 * inf is NaN.
+        loss = loss + 0.0 * sum(f.sum(dtype=torch.promote_types(f.dtype, torch.float32)) for f in f1 + f2 + f3)
         return {"byol": loss}
 
 

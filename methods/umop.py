@@ -71,10 +71,23 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _autocast_off(device: torch.device):
+    """A context with autocast disabled on ``device``: the ops inside run in their inputs' dtype."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _level_stats(values: Sequence[Tensor]) -> Tensor:
-    """``[L, 2]`` float64 (sum, count) of each level's per-positive statistic; all-reduced (SUM) under DDP."""
+    """``[L, 2]`` float64 (sum, count) of each level's per-positive statistic; all-reduced (SUM) under DDP.
+
+    Summed in float64 whatever the values' dtype (fp16 / bf16 under autocast), autocast off.
+    """
     device = values[0].device if len(values) else torch.device("cpu")
-    sums = [v.sum() for v in values]
+    with _autocast_off(device):
+        return _level_stats_f64(values, device)
+
+
+def _level_stats_f64(values: Sequence[Tensor], device: torch.device) -> Tensor:
+    sums = [v.detach().to(torch.float64).sum() for v in values]
     counts = [float(v.numel()) for v in values]
     stats = torch.stack([torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=device),
                          torch.tensor(counts, dtype=torch.float64, device=device)], dim=1)
@@ -85,8 +98,9 @@ def _level_stats(values: Sequence[Tensor]) -> Tensor:
 
 def _statistic_of_logits(gt_logits: Tensor, gamma_stat: str) -> Tensor:
     """p = sigmoid(x) (log_of_mean) or -log p = softplus(-x) (mean_of_log), float64, detached."""
-    x = gt_logits.detach().to(torch.float64).reshape(-1)
-    return torch.sigmoid(x) if gamma_stat == "log_of_mean" else F.softplus(-x)
+    with _autocast_off(gt_logits.device):
+        x = gt_logits.detach().to(torch.float64).reshape(-1)
+        return torch.sigmoid(x) if gamma_stat == "log_of_mean" else F.softplus(-x)
 
 
 def _params_from_stats(stats: Tensor, gamma: float, delta: float, w: float,
@@ -108,11 +122,13 @@ def adaptive_focal_params(pos_gt_probs: Tensor, *, gamma: float = 2.0, delta: fl
     """``(gamma_ad, alpha_ad)`` of one level from the GT-class probabilities of its positive anchors.
 
     Detached; all-reduced across workers under DDP (every worker must call it).
-    No positives (on any worker) gives ``(gamma, w / gamma)``.
+    No positives (on any worker) gives ``(gamma, w / gamma)``. Computed in float64 (autocast
+    off) whatever the dtype of ``pos_gt_probs``.
     """
     _check(gamma, delta, w, gamma_stat)
-    p = pos_gt_probs.detach().to(torch.float64).reshape(-1)
-    values = p if gamma_stat == "log_of_mean" else -torch.log(p)
+    with _autocast_off(pos_gt_probs.device):
+        p = pos_gt_probs.detach().to(torch.float64).reshape(-1)
+        values = p if gamma_stat == "log_of_mean" else -torch.log(p)
     return _params_from_stats(_level_stats([values]), gamma, delta, w, gamma_stat)[0]
 
 
@@ -152,11 +168,22 @@ def progressive_focal_loss(logits_per_level: Sequence[Tensor], targets_per_level
     code does. ``None`` counts the whole batch as one image: ``max(1, total)``.
     Returns the scalar loss, or ``(loss, [(gamma_ad, alpha_ad) per level])``
     with ``return_params=True``.
+
+    Mixed precision: under autocast the logits are fp16 / bf16; the statistics are float64
+    and the loss float32 (``focal_loss`` upcasts; the sums and normalisation run with autocast
+    off), the gradient flows back to the logits in their own dtype.
     """
     if level_norm not in ("total_positives", "mean_of_levels"):
         raise ValueError(f"level_norm must be 'total_positives' or 'mean_of_levels', got {level_norm!r}")
     if not logits_per_level:
         raise ValueError("progressive_focal_loss needs at least one level")
+    with _autocast_off(logits_per_level[0].device):
+        return _progressive_focal_loss(logits_per_level, targets_per_level, gamma, delta, w, level_norm,
+                                       gamma_stat, image_positives, return_params)
+
+
+def _progressive_focal_loss(logits_per_level, targets_per_level, gamma, delta, w, level_norm, gamma_stat,
+                            image_positives, return_params):
     params, positives = _level_params(logits_per_level, targets_per_level, gamma, delta, w, gamma_stat)
     sums = [focal_loss(x, t, alpha=a, gamma=g, reduction="sum")
             for x, t, (g, a) in zip(logits_per_level, targets_per_level, params)]
