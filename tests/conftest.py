@@ -35,3 +35,14 @@ def ray_local():
     init_ray(None)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module: on a shared 2-core machine two spinning threads make
+    CPU forwards (bf16 ones above all) several times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

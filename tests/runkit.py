@@ -86,3 +86,25 @@ def ray_gone(timeout: float = 30, ignore: set[int] = frozenset()) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def method_context(method_cls, stage: str, artifacts: dict | None = None):
+    """A StageContext for a plugin's stage on the tiny detector (3 classes, CPU)."""
+    import torch
+
+    from harness.config import DetectorSpec, ScheduleSpec
+    from harness.method import StageContext
+    return StageContext(stage=stage, detector=DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64),
+                        arch=method_cls.arch, schedule=ScheduleSpec(epochs=2), num_classes=3,
+                        class_names=["a", "b", "c"], device=torch.device("cpu"), seed=0, artifacts=artifacts or {})
+
+
+def detection_batch():
+    """Two 64 px images with one and two boxes (labels 1..3), deterministic."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 1},
+               {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 12.0, 12.0]]),
+                "labels": torch.tensor([3, 2]), "image_id": 2}]
+    return images, targets

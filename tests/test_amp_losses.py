@@ -29,6 +29,7 @@ from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import StageContext
 from harness.models import FASTER_RCNN_STRIDES, build_detector
 from harness.registry import METHODS
+from runkit import detection_batch, method_context
 from methods import fctl as fctl_mod
 from methods import soco as soco_mod
 from methods.defeat import decoupled_kd_loss, decoupled_neck_loss, gt_level_masks, make_adapters
@@ -44,14 +45,7 @@ TINY = DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64)
 SOCO_SMALL = dict(view_size=64, small_view_size=32, proj_hidden=64, proj_dim=32, pred_hidden=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads buy nothing and, on a busy shared CPU, their spin-waits made
-    this module ~1.5x slower (CPU bf16 convolution backward is already the slow, non-oneDNN path)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def amp():
@@ -261,19 +255,7 @@ def test_focal_loss_bf16(alpha, gamma):
 
 
 # --------------------------------------------------------------------------- every method's training step
-def ctx_for(method_cls, stage, artifacts=None) -> StageContext:
-    return StageContext(stage=stage, detector=TINY, arch=method_cls.arch, schedule=ScheduleSpec(epochs=2),
-                        num_classes=3, class_names=["a", "b", "c"], device=torch.device("cpu"), seed=0,
-                        artifacts=artifacts or {})
-
-
-def batch():
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 1},
-               {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 12.0, 12.0]]),
-                "labels": torch.tensor([3, 2]), "image_id": 2}]
-    return images, targets
+ctx_for, batch = method_context, detection_batch
 
 
 def _method(name: str, tmp_path: Path):

@@ -39,12 +39,7 @@ SMALL = (8, 16, 32)   # C3..C5 channels for the fast tests
 WIDTH = 32            # hidden 8, 4 heads of 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def num_params(module: torch.nn.Module) -> int:

@@ -9,22 +9,12 @@ import torch
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.method import Method, StageContext
 from harness.registry import METHODS
+from runkit import detection_batch, method_context
 
 TINY = DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64)
 
 
-def ctx_for(method_cls, stage) -> StageContext:
-    return StageContext(stage=stage, detector=TINY, arch=method_cls.arch, schedule=ScheduleSpec(epochs=2),
-                        num_classes=3, class_names=["a", "b", "c"], device=torch.device("cpu"), seed=0)
-
-
-def batch():
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 1},
-               {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 12.0, 12.0]]),
-                "labels": torch.tensor([3, 2]), "image_id": 2}]
-    return images, targets
+ctx_for, batch = method_context, detection_batch
 
 
 def test_builtin_plugins_registered_through_entry_points():

@@ -26,13 +26,7 @@ from harness.config import DetectorSpec
 from harness.errors import ConfigError
 from harness.presets import TORCHVISION_MODELS, build_preset
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads make these CPU forwards 3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 # id: (preset, arch, backbone, torchvision builder, weights enum with the metadata)
