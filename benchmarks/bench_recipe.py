@@ -42,7 +42,8 @@ def _coco_pair(root: Path) -> Path:
     return path
 
 
-def _setup(tmp: Path, *, amp: bool, min_size: int | None = None, max_size: int | None = None):
+def _setup(tmp: Path, *, amp: bool, min_size: int | None = None, max_size: int | None = None,
+           steps: int = STEPS):
     from harness.config import DetectorSpec, ScheduleSpec
     from harness.data.coco import CocoDetection
     from harness.data.loader import PreparedDataset, load_split
@@ -51,7 +52,7 @@ def _setup(tmp: Path, *, amp: bool, min_size: int | None = None, max_size: int |
     from methods.faster_rcnn import FasterRCNNBaseline
 
     ann = _coco_pair(tmp)
-    data = PreparedDataset("pair", str(ann), str(tmp), str(ann), str(tmp), repeat=STEPS + WARMUP).to_dict()
+    data = PreparedDataset("pair", str(ann), str(tmp), str(ann), str(tmp), repeat=steps + WARMUP).to_dict()
     spec = DetectorSpec(preset="torchvision_v1", backbone="resnet50", norm="frozen_bn", trainable_layers=3,
                         min_size=min_size, max_size=max_size)
     sched = ScheduleSpec(epochs=1, batch_size=2, warmup_iters=0, amp=amp, aspect_ratio_group_factor=0)  # both wide: one group
@@ -111,7 +112,8 @@ def bench_step_ratio(tmp: Path) -> None:
 def bench_amp(tmp: Path) -> None:
     times = {}
     for amp in (False, True):
-        job, ctx, model, optimizer, loader, precision = _setup(tmp, amp=amp, min_size=512, max_size=512)
+        job, ctx, model, optimizer, loader, precision = _setup(tmp, amp=amp, min_size=512, max_size=512,
+                                                              steps=2)  # emulated bf16 is slow
         times[amp] = _harness_step_s(job, ctx, model, optimizer, loader, precision)
     print(f"(b) same preset at 512 px: fp32 {times[False]:.2f} s/step, bf16 autocast {times[True]:.2f} s/step, "
           f"ratio amp/fp32 {times[True] / times[False]:.2f} (informational on CPU)")
