@@ -46,3 +46,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Modules that start Ray clusters or kill detbench drivers: the slow tier.
+SLOW_MODULES = {"test_e2e", "test_faults", "test_cluster", "test_recipe"}
+
+
+def pytest_collection_modifyitems(items):
+    """``slow``: every test that starts Ray (``ray_local``, or a module of :data:`SLOW_MODULES`).
+    ``make test`` runs all; ``make test-fast`` (``-m "not slow"``) is the edit-test loop."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

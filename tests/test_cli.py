@@ -96,6 +96,7 @@ def test_synth_unknown_format(capsys, tmp_path):
     assert main(["data", "synth", "--format", "yolo", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_default_is_a_new_local_cluster_even_when_ray_start_left_one(tmp_path):
     """``ray start`` (or a test) leaves /tmp/ray/ray_current_cluster; a plain ``detbench`` must not
