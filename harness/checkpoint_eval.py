@@ -15,12 +15,12 @@ predict score 0 AP, as they would for any detector.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from harness.errors import ConfigError
+from harness.fileio import sha256_file
 from harness.weights import PREFIX, resolve, torchvision_weights
 
 #: Where a detector's class count can be read: (state key, outputs per class slot).
@@ -56,14 +56,6 @@ def checkpoint_classes(ref: str, state: dict[str, torch.Tensor], dataset_classes
                       "(and it is not a 91-output COCO checkpoint)", field="--checkpoint")
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def eval_cells(cells: list[dict], suite_path: Path, ref: str, method: str | None,
                class_names_of) -> list[dict]:
     """The evaluation cells of a planned suite: one per (method, dataset), the last stage only.
@@ -81,7 +73,7 @@ def eval_cells(cells: list[dict], suite_path: Path, ref: str, method: str | None
                           file=suite_path, field="--method")
     path = resolve(ref, field="--checkpoint")
     state = load_state(path)
-    digest = file_digest(path)
+    digest = sha256_file(path)
     out, seen = [], set()
     for cell in cells:
         key = (cell["label"], cell["dataset"]["name"])

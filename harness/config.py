@@ -560,13 +560,16 @@ def _field_checker(suite: Suite, m: MethodSpec, method, key: str):
     return accepts
 
 
+def missing_path_hint(p) -> str:
+    """What to do about a missing path: set DETBENCH_DATA when the path uses it and it is unset."""
+    if "DETBENCH_DATA" not in os.environ and "$DETBENCH_DATA" in str(p):
+        return " (set DETBENCH_DATA to the folder holding your datasets)"
+    return ""
+
+
 def _check_exists(p: str, suite_file: Path, field: str) -> None:
-    if os.path.exists(p):
-        return
-    hint = ""
-    if "DETBENCH_DATA" not in os.environ and "$DETBENCH_DATA" in p:
-        hint = " (set DETBENCH_DATA to the folder holding your datasets)"
-    raise ConfigError(f"path does not exist: {p}{hint}", file=suite_file, field=field)
+    if not os.path.exists(p):
+        raise ConfigError(f"path does not exist: {p}{missing_path_hint(p)}", file=suite_file, field=field)
 
 
 def split_conditions(items: list, path: Path, base: Path, check_paths: bool) -> list:

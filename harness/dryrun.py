@@ -77,14 +77,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import (DatasetSpec, DetectorSpec, Suite, detector_for, load_suite, method_label,
-                            schedule_for)
+from harness.config import DatasetSpec, DetectorSpec, ScheduleSpec, Suite, load_suite, missing_path_hint
+from harness.data.loader import PreparedDataset
+from harness.distributed import apply_search, stage_artifact_key
 from harness.errors import ConfigError
+from harness.plan import plan_cells
 
 EVAL_WEIGHT = 1 / 3       # an evaluation image costs this fraction of a training image (forward only)
 MEASURE_WARMUP = 1        # untimed steps before timing (allocations, cudnn autotuning)
@@ -265,10 +266,7 @@ class SuitePlan:
 
 # --------------------------------------------------------------------------- counting
 def _not_found(path) -> str:
-    hint = ""
-    if "$DETBENCH_DATA" in str(path) and "DETBENCH_DATA" not in os.environ:
-        hint = " (set DETBENCH_DATA to the folder holding your datasets)"
-    return f"annotations not found: {path}{hint}"
+    return f"annotations not found: {path}{missing_path_hint(path)}"
 
 
 def _coco_counts(path: str | None) -> tuple[int | None, int | None, str]:
@@ -361,16 +359,8 @@ def _search_values(dist: dict) -> list:
     return [lo, hi - 1] if kind == "randint" else [lo, hi]
 
 
-def _with_sample(cell: dict, key: str, value) -> dict:
-    """``cell`` with one sampled value (as :func:`harness.distributed.apply_search` sets it)."""
-    group, _, name = key.rpartition(".")
-    target = "schedule" if group == "schedule" else "method_config"
-    return {**cell, target: {**cell[target], name: value}}
-
-
 def stage_key(cell: dict, stage: str) -> str:
     """What determines an earlier stage's output: the run's own artifact key (shared stages train once)."""
-    from harness.distributed import stage_artifact_key
     return stage_artifact_key(cell, stage)
 
 
@@ -382,7 +372,7 @@ def _searched_stages(cell: dict, search: dict | None, stages: list[str]) -> set[
     for stage in stages[:-1]:
         for key, dist in search["space"].items():
             try:
-                keys = {stage_key(_with_sample(cell, key, v), stage) for v in _search_values(dist)}
+                keys = {stage_key(apply_search(cell, {key: v}), stage) for v in _search_values(dist)}
             except Exception:  # a value the plugin refuses at build time: assume it matters
                 keys = {None, 0}
             if len(keys) > 1:
@@ -474,62 +464,54 @@ def plan_suite(path: str | Path, *, cost_per_image_s: float | None = None, measu
     conditions = {name: eval_sets(suite, c) for name, c in datasets.items()}
     workers = res.workers_per_trial
 
+    # The run's own cells (harness.plan.plan_cells), over placeholders of the datasets' files: a dry run
+    # prepares no data. Each placeholder holds its dataset's spec, so artifact keys differ per dataset.
+    stubs = {d.name: PreparedDataset(d.name, *[f"(dry run) {d.model_dump_json()}"] * 4, repeat=d.repeat)
+             for d in suite.datasets}
+    try:
+        planned = plan_cells(suite, stubs)
+    except ConfigError as err:
+        raise ConfigError(err.message, file=path, field=err.field) from None
     cells: list[CellPlan] = []
     seen_stage: dict[str, str] = {}                  # artifact key -> cell that trains it
     to_measure: dict[str, tuple[DetectorSpec, str, int]] = {}
-    for i, m in enumerate(suite.methods):
-        method_cls = METHODS.get(m.name)
-        plugin = method_cls(method_cls.validate_config(m.config))
-        det = detector_for(suite, m)
-        arch = det.arch or method_cls.arch
-        if arch not in (method_cls.arch, *method_cls.supported_archs):  # as harness.plan.plan_cells refuses it
-            raise ConfigError(f"method '{m.name}' trains {', '.join((method_cls.arch, *method_cls.supported_archs))}"
-                              f" detectors, not {arch}", file=path, field=f"methods[{i}].detector.arch")
-        schedule = schedule_for(suite, m)
-        stages = list(plugin.active_stages)
-        label = method_label(m)
-        trials = m.search.num_samples if m.search else 1
-        for ds in suite.datasets:
-            if m.datasets is not None and ds.name not in m.datasets:
-                continue
-            counts = datasets[ds.name]
-            sets = conditions[ds.name]
-            for seed in suite.seeds:
-                cell_id = f"{label}/{ds.name}/seed{seed}"
-                like = {"cell_id": cell_id, "method": m.name, "method_config": plugin.config.model_dump(),
-                        "stages": stages, "detector": det.model_dump(), "arch": arch,
-                        "schedule": schedule.model_dump(), "seed": seed,
-                        "dataset": {"name": ds.name, **ds.model_dump()}}
-                per_trial = _searched_stages(like, m.search.model_dump() if m.search else None, stages)
-                plans = []
-                for k, stage in enumerate(stages):
-                    spec = plugin.stage_detector(stage, det)
-                    sched = plugin.stage_schedule(stage, schedule)
-                    batch = max(1, sched.batch_size // workers)
-                    shared = None
-                    if k == len(stages) - 1 or stage in per_trial:
-                        runs = trials
-                    else:
-                        key = stage_key(like, stage)
-                        shared = seen_stage.get(key)
-                        runs = 0 if shared else 1
-                        seen_stage.setdefault(key, cell_id)
-                    evaluated = plugin.evaluates(stage)
-                    n_val = val_evaluations(sched.epochs, sched.eval_every) if evaluated else 0
-                    per_run = None
-                    if counts.val_images is not None and all(e.images is not None for e in sets):
-                        per_run = n_val * counts.val_images + sum(e.images for e in sets) if evaluated else 0
-                    n_epoch = _stage_images(plugin, stage, counts)
-                    cost_key = f"{spec.model_dump_json()}|{arch}|{min(batch, MEASURE_MAX_BATCH)}"
-                    if measure:
-                        to_measure.setdefault(cost_key, (spec, arch, min(batch, MEASURE_MAX_BATCH)))
-                    plans.append(StagePlan(
-                        stage=stage, detector=describe(spec, arch), arch=arch, epochs=sched.epochs,
-                        batch_per_worker=batch, images_per_epoch=n_epoch,
-                        steps_per_epoch=None if n_epoch is None else steps_per_epoch(n_epoch, batch, workers),
-                        runs=runs, evaluated=evaluated, val_evaluations=n_val, eval_images_per_run=per_run,
-                        shared_with=shared, cost_per_image_s=cost_per_image_s, cost_key=cost_key))
-                cells.append(CellPlan(cell_id, label, m.name, ds.name, seed, trials, plans, bool(m.search)))
+    for like in planned:
+        plugin = METHODS.get(like["method"])(like["method_config"])
+        det, schedule, arch = DetectorSpec(**like["detector"]), ScheduleSpec(**like["schedule"]), like["arch"]
+        stages, cell_id, search = like["stages"], like["cell_id"], like["search"]
+        trials = search["num_samples"] if search else 1
+        counts, sets = datasets[like["dataset"]["name"]], conditions[like["dataset"]["name"]]
+        per_trial = _searched_stages(like, search, stages)
+        plans = []
+        for k, stage in enumerate(stages):
+            spec = plugin.stage_detector(stage, det)
+            sched = plugin.stage_schedule(stage, schedule)
+            batch = max(1, sched.batch_size // workers)
+            shared = None
+            if k == len(stages) - 1 or stage in per_trial:
+                runs = trials
+            else:
+                key = stage_key(like, stage)
+                shared = seen_stage.get(key)
+                runs = 0 if shared else 1
+                seen_stage.setdefault(key, cell_id)
+            evaluated = plugin.evaluates(stage)
+            n_val = val_evaluations(sched.epochs, sched.eval_every) if evaluated else 0
+            per_run = None
+            if counts.val_images is not None and all(e.images is not None for e in sets):
+                per_run = n_val * counts.val_images + sum(e.images for e in sets) if evaluated else 0
+            n_epoch = _stage_images(plugin, stage, counts)
+            cost_key = f"{spec.model_dump_json()}|{arch}|{min(batch, MEASURE_MAX_BATCH)}"
+            if measure:
+                to_measure.setdefault(cost_key, (spec, arch, min(batch, MEASURE_MAX_BATCH)))
+            plans.append(StagePlan(
+                stage=stage, detector=describe(spec, arch), arch=arch, epochs=sched.epochs,
+                batch_per_worker=batch, images_per_epoch=n_epoch,
+                steps_per_epoch=None if n_epoch is None else steps_per_epoch(n_epoch, batch, workers),
+                runs=runs, evaluated=evaluated, val_evaluations=n_val, eval_images_per_run=per_run,
+                shared_with=shared, cost_per_image_s=cost_per_image_s, cost_key=cost_key))
+        cells.append(CellPlan(cell_id, like["label"], like["method"], like["dataset"]["name"], like["seed"],
+                              trials, plans, bool(search)))
 
     plan = SuitePlan(suite=suite.name, path=str(path), datasets=list(datasets.values()), conditions=conditions,
                      cells=cells, workers_per_trial=workers, cpus_per_worker=res.cpus_per_worker,
