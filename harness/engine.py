@@ -294,8 +294,7 @@ def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimiz
 
 
 def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageState, ctx: StageContext, *,
-                   final: bool, train_classes: list[str],
-                   on_condition: Callable[[StageState], None] | None = None) -> dict[str, float]:
+                   final: bool, on_condition: Callable[[StageState], None] | None = None) -> dict[str, float]:
     """Validation AP (``state.last_eval``); after the last epoch also the cost and every test condition.
 
     Conditions already in ``state.conditions`` are skipped (a resumed evaluation), and
@@ -313,7 +312,7 @@ def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageSt
         if cond["label"] in state.conditions:
             continue
         index = load_coco(cond["annotations"], cond["images"], check_images=False)
-        names = classes or (train_classes if cond["by_name"] else None)
+        names = classes or (ctx.class_names if cond["by_name"] else None)  # the training classes
         state.conditions[cond["label"]] = evaluate_detector(detector, index, protocol=cond["protocol"],
                                                             class_names=names, **common)
         if on_condition:
@@ -392,8 +391,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         record.update(job.method.epoch_metrics(job.stage, model, ctx))
         final = epoch + 1 == s.epochs
         if (final or (epoch + 1) % s.eval_every == 0) and job.method.evaluates(job.stage):
-            evaluate_stage(job, job.method.detector_of(model), val_index, state, ctx, final=final,
-                           train_classes=train_index.class_names)
+            evaluate_stage(job, job.method.detector_of(model), val_index, state, ctx, final=final)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
         state.epoch = epoch + 1
         record["epoch"] = state.epoch
@@ -420,7 +418,6 @@ def evaluate_checkpoint(job: StageJob, ctx: StageContext, val_index, state: Stag
         overwrite_eps(detector, 0.0)  # torchvision's legacy COCO_V1 files, as its builders do
     detector.to(ctx.device)
     report = (lambda st: on_epoch(st, detector, lambda: {})) if on_epoch else None
-    evaluate_stage(job, detector, val_index, state, ctx, final=True, train_classes=ctx.class_names,
-                   on_condition=report)
+    evaluate_stage(job, detector, val_index, state, ctx, final=True, on_condition=report)
     state.history = []
     return state
