@@ -16,11 +16,15 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from harness.errors import ConfigError
 
+#: The built-in backbones (``detector.backbone`` accepts any in :data:`harness.backbones.BACKBONES`).
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3")
 ARCHS = ("faster_rcnn", "retinanet")
+#: pydantic error type of a name not in a plugin registry (its message already quotes the value).
+UNKNOWN_PLUGIN = "unknown_plugin"
 
 
 class Strict(BaseModel):
@@ -85,7 +89,7 @@ class RealCondition(Strict):
 class DetectorSpec(Strict):
     """The detector every method of the suite builds on (a method may override fields)."""
     arch: Literal["faster_rcnn", "retinanet"] | None = None  # None: the method's own
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3"] = "resnet18"
+    backbone: str = "resnet18"         # a backbone plugin (harness.backbones): resnet18..101, mobilenet_v3, ...
     fpn_width: int = Field(64, ge=8)   # the neck's width (every pyramid level)
     neck: str = "fpn"                  # a neck plugin (harness.necks): fpn, none, cfpt, ...
     neck_config: dict[str, Any] = Field(default_factory=dict)  # validated by the neck's own Config
@@ -114,6 +118,16 @@ class DetectorSpec(Strict):
     retina_fg_iou: float = 0.5  # RetinaNet anchor matcher (torchvision's defaults)
     retina_bg_iou: float = 0.4
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from harness.backbones import BACKBONES as REGISTRY  # loads the plugins on first use
+        try:
+            REGISTRY.get(v)
+        except ConfigError as err:  # the registry's "unknown backbone 'x' (did you mean ...); available: ..."
+            raise PydanticCustomError(UNKNOWN_PLUGIN, "{message}", {"message": err.message}) from None
+        return v
+
     @model_validator(mode="after")
     def _sizes(self) -> "DetectorSpec":
         sizes = self.min_sizes
@@ -128,8 +142,9 @@ class DetectorSpec(Strict):
 
     @property
     def backbone_stages(self) -> int:
-        """Stages torchvision counts for ``trainable_layers``: 5 in a ResNet, 6 in MobileNetV3."""
-        return 6 if self.backbone == "mobilenet_v3" else 5
+        """Stages torchvision counts for ``trainable_layers``: 5 in a ResNet, 6 in MobileNetV3 (the plugin's)."""
+        from harness.backbones import BACKBONES as REGISTRY
+        return REGISTRY.get(self.backbone, field="detector.backbone").max_trainable_layers
 
     def max_detections(self, arch: str) -> int:
         """Detections kept per image: ``detections_per_img``, or torchvision's default for the detector."""
@@ -324,7 +339,7 @@ def format_validation_error(err: ValidationError, file: str, model: type[BaseMod
         expected = e.get("ctx", {}).get("expected", "")
         options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
         msg += _suggest(e["input"], options)
-    elif (isinstance(e.get("input"), (int, float, str, bool)) and e["type"] != "missing"
+    elif (isinstance(e.get("input"), (int, float, str, bool)) and e["type"] not in ("missing", UNKNOWN_PLUGIN)
           and f"got {e['input']!r}" not in msg):
         msg = f"{msg}, got {e['input']!r}"  # the value as the user wrote it
     more = len(err.errors()) - 1
@@ -597,11 +612,18 @@ def split_conditions(items: list, path: Path, base: Path, check_paths: bool) -> 
     return out
 
 
+def row_label(method: str, variant) -> str:
+    """The method label of a results row: ``method[variant]``, or ``method`` without a variant.
+
+    The one definition of the format (leaderboard, robustness tables, suite labels)."""
+    return f"{method}[{variant}]" if variant else method
+
+
 def method_label(m: MethodSpec) -> str:
+    """The leaderboard label of a suite's method: its ``label``, else :func:`row_label` of name and variant."""
     if m.label:
         return m.label
-    variant = m.config.get("variant")
-    return f"{m.name}[{variant}]" if variant else m.name
+    return row_label(m.name, m.config.get("variant"))
 
 
 def detector_for(suite: Suite, m: MethodSpec) -> DetectorSpec:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.config import row_label
 from harness.fileio import atomic_write
 from harness.results import ResultStore
 
@@ -23,10 +24,6 @@ SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to publis
 FORMATS = {"md": "md", "csv": "csv", "html": "html"}
 EMPTY_MESSAGE = "No successful final evaluations yet"
 _EXTRA = ("seeds", "failed")  # trailing non-metric columns
-
-
-def _label(method: str, variant: str) -> str:
-    return f"{method}[{variant}]" if variant else method
 
 
 def _condition(condition: str, severity: int) -> str:
@@ -59,7 +56,7 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
     metrics = list(metrics)
     if stage is not None:
         df = df[df["stage"] == stage]
-    base = [_label(m, v) for m, v in zip(df["method"], df["variant"])]
+    base = [row_label(m, v) for m, v in zip(df["method"], df["variant"])]
     # Methods with several stages (teacher -> student, ...) get one row per stage.
     done = df["epoch"].isna() & (df["status"] == "ok")
     n_stages = pd.Series(df["stage"].to_numpy(), index=base)[done.to_numpy()].groupby(level=0).nunique()
@@ -145,7 +142,7 @@ def drop_shared_stage_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """
     if df.empty or "stage" not in df.columns:
         return df
-    label = pd.Series([f"{_label(m, v)} ({st})" for m, v, st in zip(df["method"], df["variant"], df["stage"])],
+    label = pd.Series([f"{row_label(m, v)} ({st})" for m, v, st in zip(df["method"], df["variant"], df["stage"])],
                       index=df.index)
     done = (df["epoch"].isna() & (df["status"] == "ok")).to_numpy()
     groups: dict[str, list[str]] = {}

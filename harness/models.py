@@ -13,36 +13,28 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FrozenBatchNorm2d
 
+from harness.backbones import build_backbone_body, norm_layer
 from harness.config import DetectorSpec
 from harness.errors import ConfigError
 from harness.necks import LEVELS, NECKS, build_neck
-from harness.weights import freeze_stages, load_backbone_weights, resolve, zero_eps_checkpoint
+from harness.registry import Registry
+from harness.weights import resolve, zero_eps_checkpoint
 
 log = logging.getLogger(__name__)
 
 #: Pyramid levels, from the largest map (see docs/methods.md's notation).
 FASTER_RCNN_STRIDES = LEVELS["faster_rcnn"][1]   # P2..P5 + max-pool P6
 RETINANET_STRIDES = LEVELS["retinanet"][1]       # P3..P7
-
-
-def norm_layer(kind: str):
-    """BN for from-scratch training (the default here), GN for small batches, frozen BN for fine-tuning."""
-    if kind == "bn":
-        return nn.BatchNorm2d
-    if kind == "gn":
-        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
-    return FrozenBatchNorm2d
 
 
 def base_anchor_size(image_size: int) -> int:
@@ -72,22 +64,9 @@ class BackboneWithNeck(nn.Module):
 
 
 def backbone_body(spec: DetectorSpec) -> tuple[nn.Module, list[str], list[int]]:
-    """The classification network, the names of its stages of strides 4..32 and their channels."""
-    norm = norm_layer(spec.norm_kind)
-    if spec.backbone.startswith("resnet"):
-        net = getattr(resnet, spec.backbone)(weights=None, norm_layer=norm)
-        wide = spec.backbone in ("resnet50", "resnet101")
-        layers, channels = ["layer1", "layer2", "layer3", "layer4"], [c * (4 if wide else 1) for c in (64, 128, 256, 512)]
-    elif spec.backbone == "mobilenet_v3":
-        net = mobilenet_v3_large(weights=None, norm_layer=norm)
-        layers, channels = ["3", "6", "12", "16"], [24, 40, 112, 960]  # blocks of strides 4, 8, 16, 32
-    else:
-        raise ConfigError(f"unknown backbone {spec.backbone!r}", field="detector.backbone")  # guarded by config
-    if spec.backbone_weights:
-        load_backbone_weights(net, spec.backbone_weights)
-    body = net if spec.backbone.startswith("resnet") else net.features
-    freeze_stages(body, spec.backbone, spec.trainable_stages)
-    return body, layers, channels
+    """The classification network's body, the names of its stages of strides 4..32 and their channels
+    (:func:`harness.backbones.build_backbone_body`: the backbone's plugin in ``BACKBONES``)."""
+    return build_backbone_body(spec)
 
 
 def build_backbone(spec: DetectorSpec, arch: str) -> BackboneWithNeck:
@@ -120,33 +99,53 @@ def build_detector(spec: DetectorSpec, num_classes: int, arch: str | None = None
     return model
 
 
+#: Detector architectures of the scaled (non-preset) build: ``arch -> factory(spec, backbone, num_classes)``,
+#: ``backbone`` a :class:`BackboneWithNeck` giving the levels of :data:`LEVELS[arch] <LEVELS>`; the factory
+#: returns the torchvision detector with ``num_classes + 1`` outputs (background included).
+DETECTORS: Registry[Callable[[DetectorSpec, BackboneWithNeck, int], nn.Module]] = Registry("detector arch")
+
+
 def _build_scaled(spec: DetectorSpec, num_classes: int, arch: str) -> nn.Module:
     """detbench's detector for small images: anchors scaled with the image size, any neck, GN head."""
-    backbone = build_backbone(spec, arch)
+    factory = DETECTORS.get(arch, field="detector.arch")
+    return factory(spec, build_backbone(spec, arch), num_classes)
+
+
+def _sizes(spec: DetectorSpec) -> dict:
+    return dict(min_size=spec.min_sizes, max_size=spec.resize_max)
+
+
+def build_faster_rcnn(spec: DetectorSpec, backbone: BackboneWithNeck, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN, one anchor size per level (P2..P6) from :func:`base_anchor_size`, three ratios."""
     s = base_anchor_size(max(spec.min_sizes))
-    common = dict(min_size=spec.min_sizes, max_size=spec.resize_max, detections_per_img=spec.max_detections(arch))
-    if arch == "faster_rcnn":
-        anchors = AnchorGenerator(tuple((s * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
-        model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
-                           rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
-                           box_batch_size_per_image=spec.box_batch_size_per_image,
-                           rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
-                           rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-                           box_detections_per_img=spec.max_detections(arch),
-                           **{k: v for k, v in common.items() if k != "detections_per_img"})
-    elif arch == "retinanet":
-        sizes = tuple((round(x), round(x * 2 ** (1 / 3)), round(x * 2 ** (2 / 3)))
-                      for x in (s * 2 ** i for i in range(5)))
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-        # GroupNorm in the head (as torchvision's RetinaNet v2): from scratch, the stock
-        # norm-free head shrinks its signal ~6x per conv and the classifier never leaves its prior.
-        head = RetinaNetHead(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes + 1,
-                             norm_layer=retinanet_head_norm(spec))
-        model = RetinaNet(backbone, num_classes=num_classes + 1, anchor_generator=anchors, head=head,
-                          fg_iou_thresh=spec.retina_fg_iou, bg_iou_thresh=spec.retina_bg_iou, **common)
-    else:
-        raise ConfigError(f"unknown detector arch {arch!r}", field="detector.arch")
-    return model
+    anchors = AnchorGenerator(tuple((s * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
+    return FasterRCNN(backbone, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
+                      rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+                      box_batch_size_per_image=spec.box_batch_size_per_image,
+                      rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                      rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+                      box_detections_per_img=spec.max_detections("faster_rcnn"), **_sizes(spec))
+
+
+DETECTORS.register("faster_rcnn", build_faster_rcnn)
+
+
+def build_retinanet(spec: DetectorSpec, backbone: BackboneWithNeck, num_classes: int) -> RetinaNet:
+    """RetinaNet, three scales x three ratios per level (P3..P7), a GroupNorm head."""
+    s = base_anchor_size(max(spec.min_sizes))
+    sizes = tuple((round(x), round(x * 2 ** (1 / 3)), round(x * 2 ** (2 / 3)))
+                  for x in (s * 2 ** i for i in range(5)))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    # GroupNorm in the head (as torchvision's RetinaNet v2): from scratch, the stock
+    # norm-free head shrinks its signal ~6x per conv and the classifier never leaves its prior.
+    head = RetinaNetHead(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes + 1,
+                         norm_layer=retinanet_head_norm(spec))
+    return RetinaNet(backbone, num_classes=num_classes + 1, anchor_generator=anchors, head=head,
+                     fg_iou_thresh=spec.retina_fg_iou, bg_iou_thresh=spec.retina_bg_iou,
+                     detections_per_img=spec.max_detections("retinanet"), **_sizes(spec))
+
+
+DETECTORS.register("retinanet", build_retinanet)
 
 
 def detection_losses(detector: nn.Module, images, features, targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -222,6 +221,7 @@ def describe(spec: DetectorSpec, arch: str) -> str:
     return f"{arch}/{spec.backbone}/{spec.neck}{spec.fpn_width}/{size}/{spec.norm_kind}"
 
 
-__all__ = ["build_detector", "build_backbone", "backbone_body", "BackboneWithNeck", "load_checkpoint", "load_state", "describe",
+__all__ = ["build_detector", "build_backbone", "backbone_body", "BackboneWithNeck", "DETECTORS",
+           "build_faster_rcnn", "build_retinanet", "load_checkpoint", "load_state", "describe",
            "replace_classification_head", "retinanet_head_norm",
            "FASTER_RCNN_STRIDES", "RETINANET_STRIDES", "norm_layer"]

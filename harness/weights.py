@@ -109,16 +109,24 @@ def load_backbone_weights(net: nn.Module, ref: str, *, field: str = "detector.ba
 def freeze_stages(body: nn.Module, backbone: str, trainable_layers: int) -> None:
     """Freeze all but the last ``trainable_layers`` stages of a torchvision body, as torchvision does.
 
-    ``body``: the whole ResNet, or MobileNetV3's ``features``. MobileNet's stages are the
-    blocks torchvision marks ``_is_cn`` (plus the first and last), so 5 leaves the stem frozen
-    there, exactly as ``_mobilenet_extractor``.
+    ``body``: the body of ``backbone``'s classifier (:mod:`harness.backbones`: the whole ResNet,
+    or MobileNetV3's ``features``); the backbone's plugin says how its stages are counted.
     """
-    if backbone.startswith("resnet"):
-        train = list(RESNET_STAGES[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
-        for name, p in body.named_parameters():
-            if not name.startswith(tuple(train)):
-                p.requires_grad_(False)
-        return
+    from harness.backbones import BACKBONES
+    BACKBONES.get(backbone, field="detector.backbone").freeze(body, trainable_layers)
+
+
+def freeze_resnet_stages(body: nn.Module, trainable_layers: int) -> None:
+    """A ResNet's stages, torchvision's ``_resnet_fpn_extractor``: layer4 .. layer1, then conv1 with bn1."""
+    train = list(RESNET_STAGES[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
+    for name, p in body.named_parameters():
+        if not name.startswith(tuple(train)):
+            p.requires_grad_(False)
+
+
+def freeze_mobilenet_stages(body: nn.Module, trainable_layers: int) -> None:
+    """MobileNetV3's ``features``, torchvision's ``_mobilenet_extractor``: the stages are the blocks
+    torchvision marks ``_is_cn`` (plus the first and last), so 5 leaves the stem frozen."""
     stages = [0] + [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)] + [len(body) - 1]
     first_trained = len(body) if trainable_layers == 0 else stages[len(stages) - trainable_layers]
     for block in list(body)[:first_trained]:
@@ -126,4 +134,5 @@ def freeze_stages(body: nn.Module, backbone: str, trainable_layers: int) -> None
             p.requires_grad_(False)
 
 
-__all__ = ["resolve", "cache_file", "zero_eps_checkpoint", "torchvision_weights", "load_backbone_weights", "freeze_stages"]
+__all__ = ["resolve", "cache_file", "zero_eps_checkpoint", "torchvision_weights", "load_backbone_weights", "freeze_stages",
+           "freeze_resnet_stages", "freeze_mobilenet_stages"]

@@ -94,3 +94,66 @@ def test_unknown_neck_and_bad_neck_config(tmp_path):
     path.write_text(base + "detector: {neck: fpnn}\n")
     with pytest.raises(ConfigError, match="did you mean 'fpn'"):
         load_suite(path)
+
+
+# ---------------------------------------------------------------- registries (backbones, detector archs)
+
+from harness.backbones import BACKBONES, build_backbone_body  # noqa: E402
+from harness.models import DETECTORS  # noqa: E402
+
+
+def test_registries_hold_the_builtins():
+    from harness.config import ARCHS, BACKBONES as BUILTIN
+    assert set(BUILTIN) <= set(BACKBONES.names())  # the entry points of pyproject.toml
+    assert set(ARCHS) <= set(DETECTORS.names())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_every_registered_backbone_builds_both_archs(backbone, arch):
+    spec = DetectorSpec(backbone=backbone, fpn_width=8, image_size=64)
+    model = build_detector(spec, num_classes=2, arch=arch).eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.rand(1, 3, 64, 64))
+    strides = (4, 8, 16, 32, 64) if arch == "faster_rcnn" else (8, 16, 32, 64, 128)
+    assert [f.shape[1:] for f in feats.values()] == [(8, max(1, -(-64 // s)), max(1, -(-64 // s))) for s in strides]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_backbone_plugin_contract(backbone):
+    """Stages of strides 4..32 with the channels the plugin declares; trainable_layers counts its stages."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    info = BACKBONES.get(backbone)
+    spec = DetectorSpec(backbone=backbone, image_size=64, trainable_layers=info.max_trainable_layers)
+    assert spec.backbone_stages == info.max_trainable_layers
+    body, stages, channels = build_backbone_body(spec)
+    getter = IntermediateLayerGetter(body, {name: name for name in stages}).eval()  # up to the last stage
+    assert all(p.requires_grad for p in getter.parameters())
+    with torch.no_grad():
+        out = getter(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in out.values()] == [(c, 64 // s, 64 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    frozen, _, _ = build_backbone_body(spec.model_copy(update={"trainable_layers": 0}))
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(ValueError, match="trainable_layers"):  # the plugin's count (or the field's bound, 6)
+        DetectorSpec(backbone=backbone, trainable_layers=info.max_trainable_layers + 1)
+
+
+def test_unknown_backbone_suggests(tmp_path):
+    from harness.config import load_suite
+    path = tmp_path / "s.yaml"
+    path.write_text("datasets: [{name: s, format: synthetic}]\nmethods: [{name: focal}]\n"
+                    "detector: {backbone: resnet81}\n")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet81' \(did you mean 'resnet18'\?\); available: ") as err:
+        load_suite(path)
+    assert err.value.field == "detector.backbone" and str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean 'mobilenet_v3'") as err:  # past validation too
+        build_backbone_body(DetectorSpec.model_construct(backbone="mobilenet_v2"))
+    assert err.value.field == "detector.backbone"
+
+
+def test_unknown_arch_suggests():
+    with pytest.raises(ConfigError, match=r"unknown detector arch 'retinanett' \(did you mean 'retinanet'\?\)") as err:
+        build_detector(DetectorSpec(fpn_width=8, image_size=64), 2, arch="retinanett")
+    assert err.value.field == "detector.arch"

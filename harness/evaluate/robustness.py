@@ -26,14 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.config import row_label
 from harness.data.degrade import BENCHMARK, FAMILIES, FAMILY
 
 N_BENCHMARK_CONDITIONS = len(BENCHMARK) * 5
 _NEEDED = ("method", "dataset", "condition", "severity", "seed", "metric", "value")
 
 
-def _label(method: str, variant) -> str:  # same as the leaderboard's
-    return f"{method}[{variant}]" if isinstance(variant, str) and variant else method
+def _label(method: str, variant) -> str:
+    """The leaderboard's label (:func:`harness.config.row_label`); a missing variant (NaN, None: loose
+    records rather than the store's rows, whose ``variant`` is always a string) counts as none."""
+    return row_label(method, variant if isinstance(variant, str) else "")
 
 
 def _final_rows(df_or_records, metric: str) -> tuple[pd.DataFrame, list[str]]:
