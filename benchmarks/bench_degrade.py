@@ -19,7 +19,9 @@ N_IMAGES, SIZE, SEVERITY = 20, 128, 3
 
 def main() -> None:
     from harness.data.coco import load_coco
-    from harness.data.degrade import CORRUPTIONS, FAMILIES, Condition, corrupt, render_condition
+    from harness.data.conditions import Condition
+    from harness.data.corruptions import CORRUPTIONS, FAMILIES, corrupt
+    from harness.data.render_cache import render_condition
     from harness.data.synthetic import write_synthetic_coco
 
     with tempfile.TemporaryDirectory() as tmp:

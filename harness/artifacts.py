@@ -12,12 +12,12 @@ Guarantees:
 * a damaged artifact (truncated or altered file) is detected by its checksum
   on every read, moved aside, and produced again;
 * two trials needing the same missing artifact produce it once: producers
-  take an exclusive file lock per key (``fcntl.flock``; works on local disks
-  and on NFS v4 shared by several nodes), and the second one finds it made.
+  take an exclusive file lock per key (:func:`harness.fileio.file_lock`,
+  ``fcntl.flock``; works on local disks and on NFS v4 shared by several
+  nodes), and the second one finds it made.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from harness.fileio import sha256_file
+from harness.fileio import file_lock, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
@@ -93,12 +93,8 @@ class ArtifactStore:
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        with open(self.root / f".{key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.root / f".{key}.lock"):
+            yield
 
     def produce(self, key: str, make: Callable[[], tuple[dict[str, Path], dict]]) -> tuple[Path, bool]:
         """Return ``(folder, reused)``; ``make()`` runs only when no valid artifact exists."""

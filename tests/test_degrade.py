@@ -1,4 +1,5 @@
-"""Corruptions, condition lists, the render cache and FCTL twins (harness.data.degrade)."""
+"""Corruptions, condition lists, the render cache and FCTL twins (harness.data.degrade and the
+modules it re-exports: corruptions, conditions, render_cache, twins)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from harness.data import degrade as D
+from harness.data import render_cache as RC
 from harness.data.coco import CocoDetection, load_coco, load_rgb
 from harness.data.degrade import (CLEAN, CORRUPTIONS, FAMILY, GROUPS, Condition, DegradedTwins,
                                   corrupt, expand_conditions, image_seed, render_condition)
@@ -161,12 +163,12 @@ def data(tmp_path):
 @pytest.fixture
 def count_renders(monkeypatch):
     calls = []
-    real = D._render_one
+    real = RC._render_one
 
     def counting(*args):
         calls.append(Path(args[1]).name)
         return real(*args)
-    monkeypatch.setattr(D, "_render_one", counting)
+    monkeypatch.setattr(RC, "_render_one", counting)
     return calls
 
 
@@ -225,21 +227,21 @@ def test_render_condition_reuse_and_repair(data, tmp_path, count_renders):
 
 
 def test_render_resumes_after_kill(data, tmp_path, monkeypatch):
-    real, done = D._render_one, []
+    real, done = RC._render_one, []
 
     def dies_after_two(*args):
         if len(done) == 2:
             raise KeyboardInterrupt
         done.append(args)
         return real(*args)
-    monkeypatch.setattr(D, "_render_one", dies_after_two)
+    monkeypatch.setattr(RC, "_render_one", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         render_condition(data, Condition("rain", 3), tmp_path / "c")
     root = D.condition_root(data, Condition("rain", 3), tmp_path / "c")
     assert not (root / "manifest.json").exists() and (root / D.JOURNAL).exists()
     assert not list(root.rglob("*.tmp"))
     done.clear()
-    monkeypatch.setattr(D, "_render_one", lambda *a: done.append(a) or real(*a))
+    monkeypatch.setattr(RC, "_render_one", lambda *a: done.append(a) or real(*a))
     render_condition(data, Condition("rain", 3), tmp_path / "c")
     assert len(done) == 2 and (root / "manifest.json").exists()
     # same bytes as an uninterrupted render
@@ -255,7 +257,7 @@ def test_render_parameters_versions_workers(data, tmp_path, monkeypatch, count_r
     assert a != b and b.name == "dark@1~s7" and len(count_renders) == 8
     assert render_condition(data, CLEAN, cache) == data.image_root
     count_renders.clear()
-    monkeypatch.setattr(D, "DEGRADE_VERSION", D.DEGRADE_VERSION + 1)
+    monkeypatch.setattr(RC, "DEGRADE_VERSION", RC.DEGRADE_VERSION + 1)
     render_condition(data, Condition("dark", 1), cache)
     assert len(count_renders) == 4  # other version: everything redone
     par = render_condition(data, Condition("dark", 1), tmp_path / "par", workers=2)
