@@ -20,12 +20,13 @@ import torch
 EPOCHS, IMAGES, BATCH = 4, 64, 8
 
 
-def _job_config(dataset: dict) -> dict:
+def _cell(dataset):
     from harness.config import DetectorSpec, ScheduleSpec
-    return {"method": "faster_rcnn", "method_config": {}, "stage": "train", "arch": "faster_rcnn",
-            "detector": DetectorSpec(fpn_width=64, image_size=128).model_dump(),
-            "schedule": ScheduleSpec(epochs=EPOCHS, batch_size=BATCH, eval_every=1000, warmup_iters=5).model_dump(),
-            "dataset": dataset, "seed": 0, "artifacts": {}, "threads": 1}
+    from harness.records import Cell
+    return Cell(cell_id="faster_rcnn/bench/seed0", method="faster_rcnn", label="faster_rcnn", variant="",
+                stages=("train",), method_config={}, detector=DetectorSpec(fpn_width=64, image_size=128),
+                arch="faster_rcnn", schedule=ScheduleSpec(epochs=EPOCHS, batch_size=BATCH, eval_every=1000,
+                                                          warmup_iters=5), dataset=dataset, seed=0)
 
 
 def _per_step(history: list[dict], steps: int, with_report: bool) -> float:
@@ -42,18 +43,18 @@ def bench_overhead(tmp: Path) -> None:
 
     from harness.data.loader import PreparedDataset
     from harness.data.synthetic import write_synthetic_coco
-    from harness.distributed import _job, train_worker
+    from harness.distributed import stage_job, train_worker
     from harness.engine import run_stage
     from harness.sweep import init_ray
 
     tr = write_synthetic_coco(tmp / "train", n_images=IMAGES, seed=0)
     va = write_synthetic_coco(tmp / "val", n_images=8, seed=1)
-    dataset = PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)).to_dict()
-    cfg = _job_config(dataset)
+    cell = _cell(PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)))
+    cfg = {"cell": cell.to_dict(), "stage": "train", "artifacts": {}, "threads": 1}
     steps = IMAGES // BATCH
 
     torch.set_num_threads(1)
-    plain, _ = run_stage(_job(cfg), device=torch.device("cpu"))
+    plain, _ = run_stage(stage_job(cell, "train"), device=torch.device("cpu"))
     t_plain = _per_step(plain.history, steps, with_report=False)
 
     init_ray(None)
@@ -61,8 +62,8 @@ def bench_overhead(tmp: Path) -> None:
                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
     ray.shutdown()
-    t_ray = _per_step(result.return_value["history"], steps, with_report=True)
-    t_ray_train = _per_step(result.return_value["history"], steps, with_report=False)
+    t_ray = _per_step(result.return_value.history, steps, with_report=True)
+    t_ray_train = _per_step(result.return_value.history, steps, with_report=False)
     print(f"(a) step time, faster_rcnn r18/FPN64/128px, batch {BATCH}, 1 thread:")
     print(f"    plain PyTorch loop   {t_plain * 1000:8.1f} ms/step")
     print(f"    harness (Ray Train)  {t_ray * 1000:8.1f} ms/step  (incl. per-epoch report + checkpoint)")

@@ -52,7 +52,7 @@ def _setup(tmp: Path, *, amp: bool, min_size: int | None = None, max_size: int |
     from methods.faster_rcnn import FasterRCNNBaseline
 
     ann = _coco_pair(tmp)
-    data = PreparedDataset("pair", str(ann), str(tmp), str(ann), str(tmp), repeat=steps + WARMUP).to_dict()
+    data = PreparedDataset("pair", str(ann), str(tmp), str(ann), str(tmp), repeat=steps + WARMUP)
     spec = DetectorSpec(preset="torchvision_v1", backbone="resnet50", norm="frozen_bn", trainable_layers=3,
                         min_size=min_size, max_size=max_size)
     sched = ScheduleSpec(epochs=1, batch_size=2, warmup_iters=0, amp=amp, aspect_ratio_group_factor=0)  # both wide: one group

@@ -4,7 +4,7 @@ On 10 synthetic 128 px images (real COCO files), 1 thread:
 
 (a) the data pipeline alone (image -> proposals -> three augmented views), images/s;
 (b) a whole pretraining step (data + online/target forward, backward, SGD, EMA update),
-    images/s, at SPEC's view sizes 224/112 and MLP widths 4096/256;
+    images/s, at the specified view sizes 224/112 and MLP widths 4096/256;
 (c) the pretraining step at smoke-suite sizes (resnet18, FPN 64, batch 8), ms/step and
     the resulting pretrain-stage time for the smoke suite's 160 images, to pick its settings.
 

@@ -15,12 +15,14 @@ predict score 0 AP, as they would for any detector.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from harness.errors import ConfigError
 from harness.fileio import sha256_file
+from harness.records import Cell
 from harness.weights import PREFIX, resolve, torchvision_weights
 
 #: Where a detector's class count can be read: (state key, outputs per class slot).
@@ -56,14 +58,14 @@ def checkpoint_classes(ref: str, state: dict[str, torch.Tensor], dataset_classes
                       "(and it is not a 91-output COCO checkpoint)", field="--checkpoint")
 
 
-def eval_cells(cells: list[dict], suite_path: Path, ref: str, method: str | None,
-               class_names_of) -> list[dict]:
+def eval_cells(cells: list[Cell], suite_path: Path, ref: str, method: str | None,
+               class_names_of) -> list[Cell]:
     """The evaluation cells of a planned suite: one per (method, dataset), the last stage only.
 
-    ``class_names_of(dataset_dict)``: the dataset's training class names.
+    ``class_names_of(prepared_dataset)``: the dataset's training class names.
     """
     from harness.models import load_state
-    labels = list(dict.fromkeys(c["label"] for c in cells))
+    labels = list(dict.fromkeys(c.label for c in cells))
     if method is None and len(labels) > 1:
         raise ConfigError(f"the suite has {len(labels)} methods: say which one the checkpoint is with --method "
                           f"({', '.join(labels)})", file=suite_path, field="--method")
@@ -76,14 +78,14 @@ def eval_cells(cells: list[dict], suite_path: Path, ref: str, method: str | None
     digest = sha256_file(path)
     out, seen = [], set()
     for cell in cells:
-        key = (cell["label"], cell["dataset"]["name"])
-        if cell["label"] != method or key in seen:
+        key = (cell.label, cell.dataset.name)
+        if cell.label != method or key in seen:
             continue
         seen.add(key)
-        out.append({**cell, "cell_id": f"{cell['label']}/{cell['dataset']['name']}/checkpoint",
-                    "stages": cell["stages"][-1:], "search": None, "checkpoint": str(path),
-                    "checkpoint_sha256": digest,
-                    "checkpoint_classes": checkpoint_classes(ref, state, class_names_of(cell["dataset"]))})
+        classes = checkpoint_classes(ref, state, class_names_of(cell.dataset))
+        out.append(replace(cell, cell_id=f"{cell.label}/{cell.dataset.name}/checkpoint", stages=cell.stages[-1:],
+                           search=None, checkpoint=str(path), checkpoint_sha256=digest,
+                           checkpoint_classes=tuple(classes) if classes else None))
     return out
 
 

@@ -118,7 +118,7 @@ def cmd_methods(args) -> int:
         return 0
     for name in METHODS.names():
         cls = METHODS.get(name)
-        print(f"{name}  ({cls.arch}; stages: {' -> '.join(cls.stages)})")
+        print(f"{name}  ({cls.arch}; stages: {' -> '.join(cls.stage_names())})")
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         if doc:
             print(f"    {doc[0]}")

@@ -236,8 +236,11 @@ Distribution = dict[Literal["uniform", "loguniform", "randint", "choice"], list[
 
 
 class SearchSpec(Strict):
-    """Hyperparameter search of one method: Optuna samples, ASHA stops early."""
-    space: dict[str, Distribution]
+    """Hyperparameter search of one method: Optuna samples, ASHA stops early.
+
+    ``space: default`` takes the method's own declared space (``Method.default_search``).
+    """
+    space: dict[str, Distribution] | Literal["default"]
     num_samples: int = Field(4, ge=1)
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
@@ -450,6 +453,12 @@ def resolve_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suit
             stage_det = plugin.stage_detector(stage, detector_for(suite, m))
             check_neck(stage_det, method, path, m.detector, i)
             check_pretrained(stage_det, stage_det.arch or method.arch, path, m.detector, i, check_paths)
+        if m.search and m.search.space == "default":
+            if not method.default_search:
+                raise ConfigError(f"method '{m.name}' declares no default search space; give one",
+                                  file=path, field=f"methods[{i}].search.space")
+            m = m.model_copy(update={"search": m.search.model_copy(update={"space": dict(method.default_search)})})
+            suite.methods[i] = m  # the suite is this function's own parse: later checks see the space
         if m.search:
             for key, dist in m.search.space.items():
                 field = f"methods[{i}].search.space.{key}"

@@ -17,48 +17,53 @@ import os
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from harness.config import DetectorSpec, ScheduleSpec
 from harness.artifacts import ArtifactStore, artifact_key
-from harness.fileio import atomic_write_json
 from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
-from harness.registry import METHODS
+from harness.fileio import atomic_write, atomic_write_json
+from harness.records import Cell, RunInfo, StageOutput
+from harness.results import ResultStore, config_hash, report_of_rows, rows_for_trial
 
 TRIAL_CPU = 0.01  # the trial driver itself: enough to be scheduled, small enough for workers to fit
 
 
-def _job(cfg: dict) -> StageJob:
-    method = METHODS.get(cfg["method"])(cfg["method_config"])
-    stage = cfg["stage"]
-    return StageJob(method=method, stage=stage, dataset=cfg["dataset"],
-                    detector=method.stage_detector(stage, DetectorSpec(**cfg["detector"])), arch=cfg["arch"],
-                    schedule=method.stage_schedule(stage, ScheduleSpec(**cfg["schedule"])), seed=cfg["seed"],
-                    artifacts={k: Path(v) for k, v in cfg["artifacts"].items()},
-                    conditions=cfg.get("conditions", []), checkpoint=cfg.get("checkpoint"),
-                    checkpoint_classes=cfg.get("checkpoint_classes"))
+def stage_job(cell: Cell, stage: str, artifacts: dict[str, str] | None = None) -> StageJob:
+    """What a worker needs to run ``stage`` of ``cell``: the stage's detector and schedule resolved."""
+    method = cell.plugin
+    return StageJob(method=method, stage=stage, dataset=cell.dataset,
+                    detector=method.stage_detector(stage, cell.detector), arch=cell.arch,
+                    schedule=method.stage_schedule(stage, cell.schedule), seed=cell.seed,
+                    artifacts={k: Path(v) for k, v in (artifacts or {}).items()},
+                    conditions=list(cell.conditions), checkpoint=cell.checkpoint,
+                    checkpoint_classes=list(cell.checkpoint_classes) if cell.checkpoint_classes else None)
 
 
-def stage_artifact_key(cell: dict, stage: str) -> str:
+def stage_artifact_key(cell: Cell, stage: str) -> str:
     """Key of an earlier stage's output: everything that determines it, nothing else."""
-    job = _job({**cell, "stage": stage, "artifacts": {}})
-    data = {k: v for k, v in cell["dataset"].items() if k != "name"}
-    return artifact_key({"method": cell["method"], "stage": stage, "config": job.method.stage_key(stage),
-                         "dataset": data, "detector": job.detector.model_dump(), "arch": cell["arch"],
-                         "schedule": job.schedule.model_dump(), "seed": cell["seed"],
-                         "earlier": cell["stages"][:cell["stages"].index(stage)]})
+    job = stage_job(cell, stage)
+    data = {k: v for k, v in cell.dataset.to_dict().items() if k != "name"}
+    return artifact_key({"method": cell.method, "stage": stage, "config": job.method.stage_key(stage),
+                         "dataset": data, "detector": job.detector.model_dump(), "arch": cell.arch,
+                         "schedule": job.schedule.model_dump(), "seed": cell.seed,
+                         "earlier": list(cell.stages[:cell.stages.index(stage)])})
 
 
 class StageFailed(Exception):
-    def __init__(self, output: dict):
-        super().__init__(output.get("reason", "stage failed"))
+    def __init__(self, output: StageOutput):
+        super().__init__(output.reason or "stage failed")
         self.output = output
 
 
-def train_worker(cfg: dict) -> dict:
-    """Ray Train worker loop for one stage; rank 0's return value goes back to the trial."""
+def train_worker(cfg: dict) -> StageOutput:
+    """Ray Train worker loop for one stage; rank 0's return value goes back to the trial.
+
+    ``cfg`` (Train's ``train_loop_config``, plain JSON): ``cell`` (:meth:`Cell.to_dict`),
+    ``stage``, ``artifacts`` (earlier stage -> weights file) and ``threads``.
+    """
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -67,7 +72,7 @@ def train_worker(cfg: dict) -> dict:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg["threads"])))
-    job = _job(cfg)
+    job = stage_job(Cell.from_dict(cfg["cell"]), cfg["stage"], cfg["artifacts"])
 
     state, model_state, resumes = None, None, 0
     checkpoint = ray.train.get_checkpoint()
@@ -101,15 +106,15 @@ def train_worker(cfg: dict) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrap = lambda m: DDP(m, device_ids=[device] if device.type == "cuda" else None,  # noqa: E731
-                             find_unused_parameters=getattr(job.method, "find_unused_parameters", False))
+                             find_unused_parameters=job.method.find_unused_parameters)
     try:
         state, _ = run_stage(job, device=device, world_size=world, rank=rank, state=state,
                              model_state=model_state, on_epoch=on_epoch, wrap=wrap)
     except NonFiniteLoss as exc:
-        return {"status": "failed", "reason": str(exc), "history": (state or StageState()).history,
-                "resumes": resumes, "node_id": _worker_nodes(world)}
-    return {"status": "ok", "history": state.history, "final": {**state.last_eval, **state.cost}, "resumes": resumes,
-            "conditions": state.conditions, "node_id": _worker_nodes(world)}
+        return StageOutput.failed(str(exc), history=(state or StageState()).history, resumes=resumes,
+                                  node_id=_worker_nodes(world))
+    return StageOutput("ok", history=state.history, final={**state.last_eval, **state.cost}, resumes=resumes,
+                       conditions=state.conditions, node_id=_worker_nodes(world))
 
 
 def _node_id() -> str:
@@ -131,21 +136,6 @@ def _worker_nodes(world: int) -> str:
     return ",".join(dict.fromkeys(nodes))
 
 
-def apply_search(cell: dict, sampled: dict) -> dict:
-    """A copy of ``cell`` with Tune-sampled values: ``schedule.<f>`` or a method config field."""
-    cell = json.loads(json.dumps(cell))
-    for key, value in sampled.items():
-        group, _, name = key.rpartition(".")
-        target = cell["schedule"] if group == "schedule" else cell["method_config"]
-        target[name] = value.item() if hasattr(value, "item") else value
-    return cell
-
-
-def sampled_params(config: dict) -> dict:
-    """The values Tune sampled for this trial, keyed like the suite's search space."""
-    return {k.replace("|", "."): v for k, v in config.get("hp", {}).items()}
-
-
 def _stop_requested() -> bool:
     """Whether Tune asked this trial to stop (its session's stop event; Ray-internal, guarded)."""
     try:
@@ -156,111 +146,109 @@ def _stop_requested() -> bool:
         return False
 
 
-def finished_rows(store, trial_id: str, cell_id: str, cfg_hash: str):
-    """Rows of a successful earlier run of this trial (or of the same cell and config), or None."""
-    df = store.read()
-    if df.empty:
-        return None
-    mine = df[(df["trial_id"] == trial_id) | ((df["cell"] == cell_id) & (df["config_hash"] == cfg_hash))]
-    ok = mine[mine["epoch"].isna() & (mine["status"] == "ok")]
-    if ok.empty:
-        return None
-    return mine[mine["trial_id"] == ok["trial_id"].iloc[-1]]
+def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: dict[str, str], *,
+              last: bool) -> tuple[StageOutput, dict[str, Path]]:
+    """One stage of a trial as one Ray Train run (named ``<trial id>-<stage>``); its output and files.
 
-
-def _summary_of_rows(df, cell: dict) -> dict:
-    """What a finished trial reported to Tune, rebuilt from its rows."""
-    stage = cell["stages"][-1]
-    mine = df[df["stage"] == stage]
-    final = mine[mine["epoch"].isna() & (mine["condition"] == "clean")]
-    report = {m: float(v) for m, v in zip(final["metric"], final["value"])}
-    report.update(epoch=int(mine["epoch"].max()) if mine["epoch"].notna().any() else 0, status="ok",
-                  resumed_from_rows=True)
-    if cell.get("search"):
-        report.setdefault(cell["search"]["metric"], float("nan"))
-    return report
-
-
-def run_trial(config: dict) -> None:
-    """Tune function trainable: train every stage of one cell, then write its rows atomically."""
-    import ray.tune
+    Only the last stage reports to Tune (``TuneReportCallback``: rank 0's metrics, with
+    an explicit ``epoch`` for ASHA). Raises :class:`StageFailed` when it did not succeed.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from harness.plan import rows_for_trial
+    res = run.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cell": cell.to_dict(), "stage": stage, "artifacts": artifacts,
+                           "threads": res.cpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
+        run_config=RunConfig(
+            name=f"{trial_id}-{stage}", storage_path=os.path.join(run.run_dir, "train"),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()] if last else []))
+    result = trainer.fit()
+    out = result.return_value or StageOutput.failed(f"stage {stage}: no result")
+    if not out.ok:
+        raise StageFailed(out)
+    return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
 
-    run = config["run"]
-    cell = apply_search(config["cell"], sampled_params(config))
-    trial_id = ray.tune.get_context().get_trial_id()
-    res = run["resources"]
-    use_gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
-    stages = cell["stages"]
-    outputs, artifacts, t0 = {}, {}, time.time()
-    store = ArtifactStore(run.get("artifacts_dir") or os.path.join(run["run_dir"], "artifacts"))
 
-    def fit_stage(stage: str, last: bool):
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={**cell, "stage": stage, "artifacts": artifacts,
-                               "threads": res["cpus_per_worker"]},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu,
-                                         resources_per_worker=per_worker,
-                                         placement_strategy=res.get("placement_strategy", "PACK")),
-            run_config=RunConfig(
-                name=f"{trial_id}-{stage}", storage_path=os.path.join(run["run_dir"], "train"),
-                failure_config=FailureConfig(max_failures=res["max_failures"]),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                callbacks=[TuneReportCallback()] if last else []))
-        result = trainer.fit()
-        out = result.return_value or {"status": "failed", "reason": f"stage {stage}: no result"}
-        if out["status"] != "ok":
-            raise StageFailed(out)
-        return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
+def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput] | None:
+    """Every stage of a cell, in order; earlier stages come from (or go to) the shared artifact store.
 
-    from harness.plan import config_hash
-    from harness.results import ResultStore
-    results = ResultStore(run["run_dir"])
-    done = finished_rows(results, trial_id, cell["cell_id"], config_hash(cell))
-    if done is not None:  # a resumed sweep whose Tune state predates these rows: nothing to redo
-        ray.tune.report(_summary_of_rows(done, cell))
-        return
-    atomic_write_json({"cell": cell["cell_id"], "trial_id": trial_id, "started": time.time(), "node": _node_id()},
-                      Path(run["run_dir"]) / "trials" / f"{trial_id}.json")
-    try:
-        for i, stage in enumerate(stages):
-            if i == len(stages) - 1:
-                outputs[stage] = fit_stage(stage, last=True)[0]
+    Returns each stage's output up to the first that failed, or None when Tune is
+    stopping the trial (its Train run died with it: the driver records it as stopped).
+    """
+    store = ArtifactStore(run.artifacts_dir or os.path.join(run.run_dir, "artifacts"))
+    outputs: dict[str, StageOutput] = {}
+    artifacts: dict[str, str] = {}
+    for i, stage in enumerate(cell.stages):
+        try:
+            if i == len(cell.stages) - 1:
+                outputs[stage] = fit_stage(cell, stage, run, trial_id, artifacts, last=True)[0]
                 break
-            # Earlier stages are shared artifacts: produced once, reused by every trial.
-            def make(stage=stage):
-                out, files = fit_stage(stage, last=False)
-                return files, {"output": out, "method": cell["method"], "stage": stage,
-                               "dataset": cell["dataset"]["name"], "seed": cell["seed"]}
+
+            def make(stage=stage):  # earlier stages: produced once, reused by every trial
+                out, files = fit_stage(cell, stage, run, trial_id, artifacts, last=False)
+                return files, {"output": out.to_dict(), "method": cell.method, "stage": stage,
+                               "dataset": cell.dataset.name, "seed": cell.seed}
             key = stage_artifact_key(cell, stage)
             folder, reused = store.produce(key, make)
-            outputs[stage] = {**store.meta(key)["output"], "reused": reused, "artifact": key}
+            out = StageOutput.from_dict(store.meta(key)["output"])
+            outputs[stage] = replace(out, reused=reused, artifact=key)
             artifacts[stage] = str(folder / "detector.pt")
-    except StageFailed as exc:
-        outputs[stage] = exc.output
-    except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
-        if _stop_requested():  # Tune (ASHA) is stopping this trial and its Train run died with it:
-            return             # the driver records it as stopped (harness.runner.record_unfinished)
-        outputs[stage] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}".strip()[:500],
-                          "traceback": traceback.format_exc()}
-    rows = rows_for_trial(run, cell, trial_id, outputs, wall_s=time.time() - t0)
-    results.write_trial(trial_id, rows)
-    final = outputs[stages[-1]] if stages[-1] in outputs else next(iter(outputs.values()))
-    tb = next((o.get("traceback") for o in outputs.values() if o.get("traceback")), None)
+        except StageFailed as exc:
+            outputs[stage] = exc.output
+            break
+        except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
+            if _stop_requested():
+                return None
+            outputs[stage] = StageOutput.failed(f"{type(exc).__name__}: {exc}".strip()[:500],
+                                                traceback=traceback.format_exc())
+            break
+    return outputs
+
+
+def finish_trial(cell: Cell, run: RunInfo, trial_id: str, outputs: dict[str, StageOutput],
+                 wall_s: float) -> dict:
+    """Write the trial's rows at once (and a failure's traceback); return its last report to Tune."""
+    ResultStore(run.run_dir).write_trial(trial_id, rows_for_trial(run, cell, trial_id, outputs, wall_s=wall_s))
+    tb = next((o.traceback for o in outputs.values() if o.traceback), "")
     if tb:
-        failures = Path(run["run_dir"]) / "failures"
-        failures.mkdir(exist_ok=True)
-        (failures / f"{trial_id}.txt").write_text(tb)
-    history = final.get("history") or [{}]
-    report = {**history[-1], **final.get("final", {}), "epoch": len(final.get("history", [])),
-              "status": final["status"]}
-    if cell.get("search"):  # Tune checks every result carries the searched metric
-        report.setdefault(cell["search"]["metric"], float("nan"))
-    ray.tune.report(report)
+        atomic_write(Path(run.run_dir) / "failures" / f"{trial_id}.txt", tb)
+    final = outputs.get(cell.stages[-1]) or next(iter(outputs.values()))
+    report = {**(final.history[-1] if final.history else {}), **final.final, "epoch": len(final.history),
+              "status": final.status}
+    if cell.search:  # Tune checks every result carries the searched metric
+        report.setdefault(cell.search.metric, float("nan"))
+    return report
+
+
+def run_trial(config: dict) -> None:
+    """Tune function trainable: train every stage of one cell, then write its rows atomically.
+
+    A trial whose rows are already committed (a resumed sweep whose Tune state predates
+    them, or the same cell and config done by another trial) reports them and ends.
+    """
+    import ray.tune
+
+    from harness.sweep import trial_cell
+
+    run, cell = RunInfo.from_dict(config["run"]), trial_cell(config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    done = ResultStore(run.run_dir).finished(trial_id, cell.cell_id, config_hash(cell))
+    if done is not None:
+        ray.tune.report(report_of_rows(done, cell))
+        return
+    atomic_write_json({"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": _node_id()},
+                      Path(run.run_dir) / "trials" / f"{trial_id}.json")
+    t0 = time.time()
+    outputs = run_stages(cell, run, trial_id)
+    if outputs is not None:
+        ray.tune.report(finish_trial(cell, run, trial_id, outputs, wall_s=time.time() - t0))

@@ -81,9 +81,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import DatasetSpec, DetectorSpec, ScheduleSpec, Suite, load_suite, missing_path_hint
+from harness.config import DatasetSpec, DetectorSpec, Suite, load_suite, missing_path_hint
 from harness.data.loader import PreparedDataset
-from harness.distributed import apply_search, stage_artifact_key
+from harness.distributed import stage_artifact_key
+from harness.records import Cell
 from harness.errors import ConfigError
 from harness.plan import plan_cells
 
@@ -359,20 +360,20 @@ def _search_values(dist: dict) -> list:
     return [lo, hi - 1] if kind == "randint" else [lo, hi]
 
 
-def stage_key(cell: dict, stage: str) -> str:
+def stage_key(cell: Cell, stage: str) -> str:
     """What determines an earlier stage's output: the run's own artifact key (shared stages train once)."""
     return stage_artifact_key(cell, stage)
 
 
-def _searched_stages(cell: dict, search: dict | None, stages: list[str]) -> set[str]:
+def _searched_stages(cell: Cell) -> set[str]:
     """Earlier stages whose key changes with a sampled value (each trial trains its own)."""
-    if not search:
+    if not cell.search:
         return set()
     out = set()
-    for stage in stages[:-1]:
-        for key, dist in search["space"].items():
+    for stage in cell.stages[:-1]:
+        for key, dist in cell.search.space.items():
             try:
-                keys = {stage_key(apply_search(cell, {key: v}), stage) for v in _search_values(dist)}
+                keys = {stage_key(cell.with_sampled({key: v}), stage) for v in _search_values(dist)}
             except Exception:  # a value the plugin refuses at build time: assume it matters
                 keys = {None, 0}
             if len(keys) > 1:
@@ -450,7 +451,6 @@ def measure_step_cost(spec: DetectorSpec, num_classes: int, *, arch: str, batch:
 def plan_suite(path: str | Path, *, cost_per_image_s: float | None = None, measure: bool = False) -> SuitePlan:
     """The dry run of a suite file: cells, stages, image counts and (with a cost) device-hours."""
     from harness.models import describe
-    from harness.registry import METHODS
 
     if cost_per_image_s is not None and measure:
         raise ConfigError("give --cost-per-image-s or --measure, not both", field="--cost-per-image-s")
@@ -476,12 +476,10 @@ def plan_suite(path: str | Path, *, cost_per_image_s: float | None = None, measu
     seen_stage: dict[str, str] = {}                  # artifact key -> cell that trains it
     to_measure: dict[str, tuple[DetectorSpec, str, int]] = {}
     for like in planned:
-        plugin = METHODS.get(like["method"])(like["method_config"])
-        det, schedule, arch = DetectorSpec(**like["detector"]), ScheduleSpec(**like["schedule"]), like["arch"]
-        stages, cell_id, search = like["stages"], like["cell_id"], like["search"]
-        trials = search["num_samples"] if search else 1
-        counts, sets = datasets[like["dataset"]["name"]], conditions[like["dataset"]["name"]]
-        per_trial = _searched_stages(like, search, stages)
+        plugin, det, schedule, arch = like.plugin, like.detector, like.schedule, like.arch
+        stages, cell_id, trials = like.stages, like.cell_id, like.trials
+        counts, sets = datasets[like.dataset.name], conditions[like.dataset.name]
+        per_trial = _searched_stages(like)
         plans = []
         for k, stage in enumerate(stages):
             spec = plugin.stage_detector(stage, det)
@@ -495,7 +493,7 @@ def plan_suite(path: str | Path, *, cost_per_image_s: float | None = None, measu
                 shared = seen_stage.get(key)
                 runs = 0 if shared else 1
                 seen_stage.setdefault(key, cell_id)
-            evaluated = plugin.evaluates(stage)
+            evaluated = plugin.stage(stage).evaluates
             n_val = val_evaluations(sched.epochs, sched.eval_every) if evaluated else 0
             per_run = None
             if counts.val_images is not None and all(e.images is not None for e in sets):
@@ -510,8 +508,8 @@ def plan_suite(path: str | Path, *, cost_per_image_s: float | None = None, measu
                 steps_per_epoch=None if n_epoch is None else steps_per_epoch(n_epoch, batch, workers),
                 runs=runs, evaluated=evaluated, val_evaluations=n_val, eval_images_per_run=per_run,
                 shared_with=shared, cost_per_image_s=cost_per_image_s, cost_key=cost_key))
-        cells.append(CellPlan(cell_id, like["label"], like["method"], like["dataset"]["name"], like["seed"],
-                              trials, plans, bool(search)))
+        cells.append(CellPlan(cell_id, like.label, like.method, like.dataset.name, like.seed,
+                              trials, plans, bool(like.search)))
 
     plan = SuitePlan(suite=suite.name, path=str(path), datasets=list(datasets.values()), conditions=conditions,
                      cells=cells, workers_per_trial=workers, cpus_per_worker=res.cpus_per_worker,

@@ -22,7 +22,8 @@ from torch import nn
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.cost import detector_cost
 from harness.data.coco import CocoDetection, load_coco
-from harness.data.loader import eval_loader, load_split, set_loader_epoch, train_loader
+from harness.data.loader import (PreparedCondition, PreparedDataset, eval_loader, load_split, set_loader_epoch,
+                                 train_loader)
 from harness.evaluate.coco import coco_detections_from_outputs, evaluate_coco
 from harness.method import Method, StageContext
 
@@ -189,7 +190,7 @@ class Precision:
 
 @dataclass
 class StageJob:
-    """Everything one worker needs to train one stage (JSON-able pieces only).
+    """Everything one worker needs to train one stage (built by :func:`harness.distributed.stage_job`).
 
     ``checkpoint``: detector weights to evaluate instead of training (``detbench eval``);
     ``checkpoint_classes``: the names of its labels 1..N when they are not the dataset's
@@ -197,13 +198,13 @@ class StageJob:
     """
     method: Method
     stage: str
-    dataset: dict
+    dataset: PreparedDataset
     detector: DetectorSpec
     arch: str
     schedule: ScheduleSpec
     seed: int
     artifacts: dict = field(default_factory=dict)
-    conditions: list = field(default_factory=list)  # degraded test sets (harness.data.loader.prepare_conditions)
+    conditions: list[PreparedCondition] = field(default_factory=list)  # degraded test sets
     checkpoint: str | None = None
     checkpoint_classes: list[str] | None = None
 
@@ -302,18 +303,18 @@ def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageSt
     """
     classes = job.checkpoint_classes
     common = dict(device=ctx.device, world_size=ctx.world_size, rank=ctx.rank, amp=job.schedule.amp)
-    state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.get("protocol", "coco"),
+    state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.protocol,
                                         class_names=classes, **common)
     if not final:
         return state.last_eval
     if hasattr(getattr(detector, "backbone", None), "neck_name"):
         state.cost = detector_cost(detector, job.detector).as_metrics()
     for cond in job.conditions:  # degraded test sets: once, with the final model
-        if cond["label"] in state.conditions:
+        if cond.label in state.conditions:
             continue
-        index = load_coco(cond["annotations"], cond["images"], check_images=False)
-        names = classes or (ctx.class_names if cond["by_name"] else None)  # the training classes
-        state.conditions[cond["label"]] = evaluate_detector(detector, index, protocol=cond["protocol"],
+        index = load_coco(cond.annotations, cond.images, check_images=False)
+        names = classes or (ctx.class_names if cond.by_name else None)  # the training classes
+        state.conditions[cond.label] = evaluate_detector(detector, index, protocol=cond.protocol,
                                                             class_names=names, **common)
         if on_condition:
             on_condition(state)
@@ -367,7 +368,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         if "scaler" in model_state:
             precision.scaler.load_state_dict(model_state["scaler"])
     dataset = RepeatedDataset(job.method.train_dataset(job.stage, ctx, CocoDetection(train_index)),
-                              job.dataset.get("repeat", 1))
+                              job.dataset.repeat)
     loader = grouped_loader(dataset, train_index, max(1, s.batch_size // world_size), s, seed=job.seed,
                             world_size=world_size, rank=rank)
     ctx.steps_per_epoch = len(loader)
@@ -390,7 +391,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         record["lr"] = optimizer.param_groups[0]["lr"]
         record.update(job.method.epoch_metrics(job.stage, model, ctx))
         final = epoch + 1 == s.epochs
-        if (final or (epoch + 1) % s.eval_every == 0) and job.method.evaluates(job.stage):
+        if (final or (epoch + 1) % s.eval_every == 0) and job.method.stage(job.stage).evaluates:
             evaluate_stage(job, job.method.detector_of(model), val_index, state, ctx, final=final)
             record.update({f"val/{k}": v for k, v in state.last_eval.items()})
         state.epoch = epoch + 1

@@ -7,21 +7,26 @@ harness owns everything else: data, optimiser loop, DDP, evaluation,
 checkpoints, reporting.
 
 Contract for a plugin class (registered under the entry-point group
-``detbench.methods``):
+``detbench.methods``). Declared, as class attributes:
 
 * ``name``: the registry name; ``Config``: a pydantic model of its
-  hyperparameters, defaults from SPEC.md, every field sweepable;
-* ``arch``: the torchvision detector it trains by default;
+  hyperparameters, defaults from the method's paper (docs/methods.md), every field sweepable;
+* ``stages``: :class:`Stage` records, in order: what each one reads of the config,
+  whether it is evaluated, whether its model's forward takes ``progress``;
+* ``arch`` / ``supported_archs``: the torchvision detector it trains by default / also;
+* ``find_unused_parameters``: whether DDP must look for parameters without a gradient;
+* ``curves``: metric-name prefixes of per-epoch scalars worth a plot (``harness.report``);
+* ``default_search``: a search space a suite can ask for with ``search: {space: default}``.
+
+Hooks (all but ``build_model`` optional):
+
 * ``build_model(stage, ctx)`` returns an ``nn.Module`` whose
-  ``forward(images, targets, **kw)`` returns a dict of named loss tensors in
+  ``forward(images, targets[, progress=...])`` returns a dict of named loss tensors in
   train mode (so DDP wraps the whole thing and every term is logged);
-* ``training_losses(stage, model, images, targets, ctx)`` calls it (override
-  to pass extra arguments such as ``progress``); the harness sums the terms;
-* ``detector_of(model)`` returns the torchvision detector used for
-  evaluation and handed to later stages;
-* ``epoch_metrics(stage, model, ctx)`` optional per-epoch scalars for the
-  results (e.g. UMOP's gamma_ad per level);
-* ``search_space()`` optional default Tune space.
+* ``training_losses(stage, model, images, targets, ctx)`` calls it; the harness sums the terms;
+* ``detector_of(model)`` the torchvision detector evaluated and handed to later stages;
+* ``stage_detector`` / ``stage_schedule`` / ``train_dataset`` what a stage trains and on what;
+* ``after_step`` / ``epoch_metrics`` per-step updates (an EMA) and per-epoch scalars.
 """
 from __future__ import annotations
 
@@ -35,7 +40,25 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from harness.config import DetectorSpec, ScheduleSpec, format_validation_error
+from harness.data.loader import PreparedCondition
 from harness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method, as the harness runs it (declared, not switched on its name).
+
+    ``reads``: for a stage before the last, the config fields its output depends on. Its
+    output is cached by these (plus data, detector, schedule and seed), so sweeping any
+    other field reuses it; the last stage reads the whole config. ``evaluates``: whether
+    its detector is evaluated (not, e.g., self-supervised pretraining). ``takes_progress``:
+    its model's forward takes ``progress=`` (fraction of training done, for schedules
+    inside a loss).
+    """
+    name: str
+    reads: tuple[str, ...] = ()
+    evaluates: bool = True
+    takes_progress: bool = False
 
 
 class MethodConfig(BaseModel):
@@ -60,7 +83,7 @@ class StageContext:
     step_in_epoch: int = 0
     steps_per_epoch: int = 1
     artifacts: dict[str, Path] = field(default_factory=dict)  # earlier stage -> weights file
-    conditions: list[dict] = field(default_factory=list)      # the dataset's degraded test sets
+    conditions: list[PreparedCondition] = field(default_factory=list)  # the dataset's degraded test sets
 
     @property
     def progress(self) -> float:
@@ -79,9 +102,12 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    stages: ClassVar[tuple[str, ...]] = ("train",)
+    stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
     arch: ClassVar[str] = "faster_rcnn"                     # the detector trained by default
     supported_archs: ClassVar[tuple[str, ...]] = ()         # others it can train (suite detector.arch)
+    find_unused_parameters: ClassVar[bool] = False          # DDP: some parameters get no gradient
+    curves: ClassVar[dict[str, str]] = {}                   # metric prefix -> plot title (harness.report)
+    default_search: ClassVar[dict[str, dict]] = {}          # ``search: {space: default}``
 
     def __init__(self, config: MethodConfig | dict | None = None):
         self.config = config if isinstance(config, MethodConfig) else self.Config(**(config or {}))
@@ -104,10 +130,17 @@ class Method:
             raise ConfigError(f"'{key}' is not a field of method '{cls.name}' nor of the schedule; "
                               f"valid: {', '.join(options)}", file=file, field=field)
 
-    #: For stages before the last: the config fields each one reads. An earlier stage's
-    #: output is cached by these (plus data, detector, schedule, seed), so sweeping
-    #: any other field reuses it. Stages not listed read no field.
-    stage_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    @classmethod
+    def stage_names(cls) -> tuple[str, ...]:
+        return tuple(s.name for s in cls.stages)
+
+    @classmethod
+    def stage(cls, name: str) -> Stage:
+        """The declared :class:`Stage` called ``name``."""
+        for s in cls.stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"{cls.name} has stages {cls.stage_names()}, not {name!r}")
 
     def stage_detector(self, stage: str, detector: DetectorSpec) -> DetectorSpec:
         """The detector a stage trains (e.g. DeFeat's larger teacher); default: the suite's."""
@@ -118,14 +151,14 @@ class Method:
 
     def stage_key(self, stage: str) -> dict:
         """What of this method's config determines ``stage``'s output (for the artifact key)."""
-        if stage == self.stages[-1]:
+        if stage == self.stages[-1].name:
             return self.config.model_dump()
-        return {f: getattr(self.config, f) for f in self.stage_fields.get(stage, ())}
+        return {f: getattr(self.config, f) for f in self.stage(stage).reads}
 
     @property
     def active_stages(self) -> tuple[str, ...]:
         """The stages this configuration runs (e.g. no teacher stage when a teacher file is given)."""
-        return self.stages
+        return self.stage_names()
 
     def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
         """What a stage trains on; default the detection dataset of (image, target) pairs.
@@ -138,10 +171,6 @@ class Method:
         """
         return dataset
 
-    def evaluates(self, stage: str) -> bool:
-        """Whether a stage's detector is evaluated (not, e.g., for self-supervised pretraining)."""
-        return True
-
     def after_step(self, stage: str, model: nn.Module, ctx: StageContext) -> None:
         """Called after every optimiser step (e.g. an EMA target update)."""
 
@@ -151,6 +180,8 @@ class Method:
 
     def training_losses(self, stage: str, model: nn.Module, images: list[torch.Tensor],
                         targets: list[dict], ctx: StageContext) -> dict[str, torch.Tensor]:
+        if self.stage(stage).takes_progress:
+            return model(images, targets, progress=ctx.progress)
         return model(images, targets)
 
     def detector_of(self, model: nn.Module) -> nn.Module:
@@ -158,9 +189,6 @@ class Method:
         return getattr(model, "detector", model)
 
     def epoch_metrics(self, stage: str, model: nn.Module, ctx: StageContext) -> dict[str, float]:
-        return {}
-
-    def search_space(self) -> dict[str, Any]:
         return {}
 
     @property

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 
 def _cell(trial) -> str:
-    cell = trial.config.get("cell", {})
-    from harness.distributed import sampled_params
+    cell = trial.config.get("cell", {})  # the Tune config: plain JSON (harness.sweep.trial_config)
+    from harness.sweep import sampled_params
     hp = sampled_params(trial.config)
     extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in hp.items()) if hp else ""

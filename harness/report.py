@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.config import row_label
 from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
 
-#: Per-epoch metrics worth a plot: prefix -> title.
-CURVES = {"umop/gamma_ad/": "UMOP gamma_ad per level", "umop/alpha_ad/": "UMOP alpha_ad per level",
-          "fctl/": "FCTL EANSDL and decay", "train/byol": "SoCo pretraining loss"}
+
+def declared_curves(methods) -> dict[str, tuple[str, set[str]]]:
+    """prefix -> (plot title, the methods declaring it): each plugin's ``curves``, for the methods run."""
+    from harness.registry import METHODS
+    out: dict[str, tuple[str, set[str]]] = {}
+    for name in methods:
+        if name in METHODS:
+            for prefix, title in METHODS.get(name).curves.items():
+                out.setdefault(prefix, (title, set()))[1].add(name)
+    return out
 
 
 def _fmt(v) -> str:
@@ -53,8 +61,8 @@ def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
     paths = []
     curves = df[df["epoch"].notna() & (df["status"] == "ok")]
-    for prefix, title in CURVES.items():
-        sel = curves[curves["metric"].str.startswith(prefix)]
+    for prefix, (title, methods) in declared_curves(sorted(set(curves["method"]))).items():
+        sel = curves[curves["method"].isin(methods) & curves["metric"].str.startswith(prefix)]
         if sel.empty:
             continue
         fig = Figure(figsize=(6, 4))
@@ -63,7 +71,7 @@ def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         for (method, variant, metric), g in sel.groupby(["method", "variant", "metric"]):
             mean = g.groupby("epoch")["value"].mean()
             ax.plot(mean.index.astype(int), mean.values, marker="o",
-                    label=f"{method}{f'[{variant}]' if variant else ''} {metric[len(prefix):] or metric}")
+                    label=f"{row_label(method, variant)} {metric[len(prefix):] or metric}")
         ax.set(xlabel="epoch", title=title + " (mean over seeds)")
         ax.legend(fontsize=7)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -36,9 +35,10 @@ from pathlib import Path
 from harness.config import ResourcesSpec, Suite, data_cache_dir, load_suite, method_label
 from harness.errors import ConfigError, DetbenchError
 from harness.fileio import atomic_write_json
-from harness.data.loader import PreparedDataset, prepare_conditions, prepare_dataset
-from harness.plan import plan_cells, rows_for_trial
-from harness.results import ResultStore
+from harness.data.loader import PreparedCondition, PreparedDataset, prepare_conditions, prepare_dataset
+from harness.plan import plan_cells
+from harness.records import Cell, RunInfo
+from harness.results import ResultStore, record_unfinished
 
 log = logging.getLogger(__name__)
 PACKAGES = ("detbench", "torch", "torchvision", "ray", "optuna", "faster-coco-eval", "pycocotools",
@@ -77,45 +77,6 @@ def _driver_log(run_dir: Path) -> None:
         lg = logging.getLogger(name)
         lg.addHandler(handler)
         lg.propagate = False
-
-
-def record_unfinished(grids, run: dict, store: ResultStore) -> None:
-    """Trials that never wrote rows (ASHA stopped them, or the trial actor died) get one row each.
-
-    A trial the scheduler stopped never made its end-of-trial report (which carries
-    ``status``). If its Train run died under the stop before the trial actor did, the
-    trial may have written "failed" rows: the scheduler's decision wins, they become
-    one "stopped" row.
-    """
-    df = store.read()
-    for grid in grids:
-        for result in grid:
-            cfg = result.config or {}
-            metrics = result.metrics or {}
-            trial_id = metrics.get("trial_id", "")  # Tune adds it to every result
-            if not trial_id or not cfg or store.retired(trial_id):
-                continue
-            stopped = result.error is None and "status" not in metrics
-            if trial_id in store.trial_ids():
-                mine = df[df["trial_id"] == trial_id]
-                if not (stopped and (mine["status"] == "failed").any()):
-                    continue
-            if result.error is None:
-                reason = f"stopped early by the scheduler at epoch {metrics.get('epoch', 0)}"
-                status = "stopped"
-            else:
-                reason, status = f"trial errored: {str(result.error).splitlines()[0][:300]}", "failed"
-            from harness.distributed import apply_search, sampled_params
-            cell = apply_search(cfg["cell"], sampled_params(cfg))
-            curve = [] if result.metrics_dataframe is None else [
-                {k: v for k, v in rec.items() if k == "epoch" or k == "lr" or k.startswith(("train/", "val/", "time/"))}
-                for rec in result.metrics_dataframe.to_dict("records") if "train/loss" in rec]
-            stage = cell["stages"][-1]
-            rows = rows_for_trial(run, cell, trial_id,
-                                  {stage: {"status": "failed", "reason": reason, "history": curve}},
-                                  wall_s=math.nan)
-            rows = [r.model_copy(update={"status": status}) for r in rows]
-            store.write_trial(trial_id, rows)
 
 
 RUN_FILE = "run.json"
@@ -162,16 +123,15 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
                 "cluster": {"nodes": nodes, "ray_address": ray.get_runtime_context().gcs_address},
                 "ray_session_dir": ray._private.worker._global_node.get_session_dir_path()
                 if ray._private.worker._global_node else None,
-                "seeds": suite.seeds, "cells": [c["cell_id"] for c in cells],
+                "seeds": suite.seeds, "cells": [c.cell_id for c in cells],
                 "baselines": {method_label(m): m.baseline for m in suite.methods if m.baseline},
                 "concurrency": concurrency, "started": stamp,
-                "checkpoint": {"path": cells[0]["checkpoint"], "sha256": cells[0]["checkpoint_sha256"]}
+                "checkpoint": {"path": cells[0].checkpoint, "sha256": cells[0].checkpoint_sha256}
                 if checkpoint else None}
     atomic_write_json(manifest, run_dir / "manifest.json", indent=2, default=str)
-    run = {"run_dir": str(run_dir), "run_id": run_dir.name, "suite": suite.name, "smoke": suite.smoke,
-           "resources": suite.resources.model_dump(), "versions_json": json.dumps(versions),
-           "git_sha": manifest["git_sha"]}
-    atomic_write_json({"run": run, "cells": cells}, run_dir / RUN_FILE)
+    run = RunInfo(run_dir=str(run_dir), run_id=run_dir.name, suite=suite.name, smoke=suite.smoke,
+                  resources=suite.resources, versions_json=json.dumps(versions), git_sha=manifest["git_sha"])
+    atomic_write_json({"run": run.to_dict(), "cells": [c.to_dict() for c in cells]}, run_dir / RUN_FILE)
     print(f"detbench: {len(cells)} cell(s), {count_trials(cells)} trial(s), up to {concurrency} at once; "
           f"run directory {run_dir}")
     return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress)
@@ -183,8 +143,8 @@ class CheckedSuite:
     path: Path
     suite: Suite
     datasets: dict[str, PreparedDataset]
-    conditions: dict[str, list[dict]]
-    cells: list[dict]
+    conditions: dict[str, list[PreparedCondition]]
+    cells: list[Cell]
 
 
 def prepare_suite(suite_path: str | Path, *, progress: bool = False) -> CheckedSuite:
@@ -213,18 +173,18 @@ def fit_or_refuse(resources: ResourcesSpec, nodes: list[dict], source: Path) -> 
         raise ConfigError(err.message, file=source, field=err.field) from None
 
 
-def count_trials(cells: list[dict]) -> int:
+def count_trials(cells: list[Cell]) -> int:
     """Trials a sweep of ``cells`` runs: one per plain cell, ``num_samples`` per searched one."""
-    return sum(c["search"]["num_samples"] if c.get("search") else 1 for c in cells)
+    return sum(c.trials for c in cells)
 
 
-def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+def load_run(run_dir: str | Path) -> tuple[RunInfo, list[Cell]]:
     """``(run, cells)`` of a run directory, or a clear error."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise DetbenchError("not a detbench run directory (no run.json)", file=run_dir)
     state = json.loads(path.read_text())
-    return state["run"], state["cells"]
+    return RunInfo.from_dict(state["run"]), [Cell.from_dict(c) for c in state["cells"]]
 
 
 def resume_run(run_dir: str | Path, *, address: str | None = None, progress: bool = True,
@@ -235,14 +195,14 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     run_dir = Path(run_dir).resolve()
     run, cells = load_run(run_dir)
     init_ray(address)
-    concurrency = fit_or_refuse(ResourcesSpec(**run["resources"]), cluster_nodes(), run_dir / RUN_FILE)
+    concurrency = fit_or_refuse(run.resources, cluster_nodes(), run_dir / RUN_FILE)
     _driver_log(run_dir)
     retry = retire_failed(run_dir, cells) if retry_failed else []
     print(f"detbench: resuming {run_dir}" + (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
     return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress, resume=True, retry=retry)
 
 
-def retire_failed(run_dir: Path, cells: list[dict]) -> list[dict]:
+def retire_failed(run_dir: Path, cells: list[Cell]) -> list[Cell]:
     """Move the rows of failed plain-cell trials to ``rows-retired/``; return those cells.
 
     A failed trial of a hyperparameter search is one failed sample of the search, not a
@@ -253,7 +213,7 @@ def retire_failed(run_dir: Path, cells: list[dict]) -> list[dict]:
     if df.empty:
         return []
     failed = df[(df["status"] == "failed")]
-    by_id = {c["cell_id"]: c for c in cells if not c.get("search")}
+    by_id = {c.cell_id: c for c in cells if not c.search}
     retry = []
     for cell_id, g in failed.groupby("cell"):
         if cell_id in by_id:
@@ -263,8 +223,8 @@ def retire_failed(run_dir: Path, cells: list[dict]) -> list[dict]:
     return retry
 
 
-def _sweep_and_report(run_dir: Path, run: dict, cells: list[dict], concurrency: int, *, progress: bool,
-                      resume: bool = False, retry: list[dict] = ()) -> Path:
+def _sweep_and_report(run_dir: Path, run: RunInfo, cells: list[Cell], concurrency: int, *, progress: bool,
+                      resume: bool = False, retry: list[Cell] = ()) -> Path:
     from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.progress import SweepProgress
     from harness.sweep import run_sweep

@@ -52,9 +52,9 @@ def run_status(run_dir: str | Path) -> dict:
         started.setdefault(m["cell"], set()).add(m["trial_id"])
     out, counts = [], {}
     for cell in cells:
-        cid = cell["cell_id"]
+        cid = cell.cell_id
         rows = df[df["cell"] == cid] if len(df) else df
-        expected = cell["search"]["num_samples"] if cell.get("search") else 1
+        expected = cell.trials
         per_trial = {}
         for tid, g in rows.groupby("trial_id"):
             if (g["epoch"].isna() & (g["status"] == "ok")).any():
@@ -68,7 +68,7 @@ def run_status(run_dir: str | Path) -> dict:
         states = [s for s, _ in per_trial.values()] + [live] * len(unfinished)
         states += ["pending"] * max(0, expected - len(states))
         order = ("failed", "interrupted", "running", "pending", "stopped", "done")
-        if cell.get("search") or expected > 1:  # a search: counted per trial
+        if cell.search or expected > 1:  # a search: counted per trial
             state = ", ".join(f"{states.count(s)} {s}" for s in order if s in states)
             tally = states
         else:                                   # a plain cell: its most telling trial state

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.config import ResourcesSpec
 from harness.errors import ConfigError
+from harness.records import Cell, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -160,31 +161,52 @@ def cluster_report(address: str | None, suite_path: str | None = None) -> tuple[
     return "\n".join(lines), True
 
 
-def _tune_space(space: dict) -> dict:
+#: Tune flattens nested config keys on "/" and ".", so a search key ``schedule.lr`` travels as
+#: ``schedule|lr`` under the trial config's ``hp``; :func:`sampled_params` decodes it.
+_KEY_SEP = "|"
+
+
+def tune_space(space: dict) -> dict:
+    """The suite's search space as Tune distributions, keys encoded for Tune."""
     from ray import tune
     out = {}
     for key, dist in space.items():
         (kind, args), = dist.items()
         fn = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
               "choice": lambda *a: tune.choice(list(a))}[kind]
-        out[key.replace(".", "|")] = fn(*args)  # Tune flattens nested keys on "/" and "."
+        out[key.replace(".", _KEY_SEP)] = fn(*args)
     return out
 
 
-def _tune_run_config(name: str, storage: str, run: dict, callbacks):
+def sampled_params(config: dict) -> dict:
+    """The values Tune sampled for a trial, keyed like the suite's search space."""
+    return {k.replace(_KEY_SEP, "."): v for k, v in config.get("hp", {}).items()}
+
+
+def trial_config(cell: Cell, run: RunInfo) -> dict:
+    """The Tune config of a cell's trials (plain JSON: the Ray boundary)."""
+    return {"cell": cell.to_dict(), "run": run.to_dict()}
+
+
+def trial_cell(config: dict) -> Cell:
+    """A trial's cell, with its sampled values applied (the other side of :func:`trial_config`)."""
+    return Cell.from_dict(config["cell"]).with_sampled(sampled_params(config))
+
+
+def _tune_run_config(name: str, storage: str, run: RunInfo, callbacks):
     """A trial whose driver actor is lost with its node is restarted (its Train run then
     resumes from the last checkpoint) as often as Train may restart a worker group."""
     from ray import tune
     return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks),
-                          failure_config=tune.FailureConfig(max_failures=run["resources"]["max_failures"]))
+                          failure_config=tune.FailureConfig(max_failures=run.resources.max_failures))
 
 
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), resume: bool = False,
-              retry: list[dict] = ()) -> list:
+def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=(), resume: bool = False,
+              retry: list[Cell] = ()) -> list:
     """Run every cell as a Tune trial; returns the ResultGrids.
 
     ``resume``: each experiment already started in the run directory is restored
@@ -196,7 +218,7 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), r
     from harness.distributed import TRIAL_CPU, run_trial
 
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    storage = os.path.join(run["run_dir"], "tune")
+    storage = os.path.join(run.run_dir, "tune")
 
     def fit(name: str, make_tuner, param_space: dict):
         path = os.path.join(storage, name)
@@ -209,8 +231,8 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), r
             tuner = make_tuner()
         return tuner.fit()
 
-    def grid_tuner(name: str, group: list[dict]):
-        space = {"cell": tune.grid_search(group), "run": run}
+    def grid_tuner(name: str, group: list[Cell]):
+        space = {"cell": tune.grid_search([c.to_dict() for c in group]), "run": run.to_dict()}
         return fit(name, lambda: tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
@@ -218,10 +240,10 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), r
             space)
 
     grids = []
-    plain = [c for c in cells if not c.get("search")]
+    plain = [c for c in cells if not c.search]
     if plain:
         grids.append(grid_tuner("cells", plain))
-    for i, cell in enumerate(c for c in cells if c.get("search")):
+    for i, cell in enumerate(c for c in cells if c.search):
         tuner, space = _search_tuner(trainable, cell, run, storage, i, concurrency, callbacks)
         grids.append(fit(f"search{i}", lambda: tuner, space))
     if retry:
@@ -230,29 +252,29 @@ def run_sweep(cells: list[dict], run: dict, *, concurrency: int, callbacks=(), r
     return grids
 
 
-def _search_tuner(trainable, cell: dict, run: dict, storage: str, i: int, concurrency: int, callbacks):
+def _search_tuner(trainable, cell: Cell, run: RunInfo, storage: str, i: int, concurrency: int, callbacks):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    s = cell["search"]
-    journal = Path(run["run_dir"]) / "optuna" / f"search{i}.journal"
+    s = cell.search
+    journal = Path(run.run_dir) / "optuna" / f"search{i}.journal"
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage_backend = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    searcher = OptunaSearch(metric=s["metric"], mode=s["mode"], seed=cell["seed"],
-                            storage=storage_backend, study_name=cell["cell_id"])
+    searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=cell.seed,
+                            storage=storage_backend, study_name=cell.cell_id)
     # max_t one past the last epoch: a trial that reaches its end finishes by itself (and
     # writes its rows) instead of being stopped by ASHA at the last report.
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell["schedule"]["epochs"] + 1,
-                               grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-                 if s["scheduler"] == "asha" else FIFOScheduler())
-    space = {"cell": cell, "run": run, "hp": _tune_space(s["space"])}
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cell.schedule.epochs + 1,
+                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    space = {**trial_config(cell, run), "hp": tune_space(s.space)}
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=s["metric"],
-                                    mode=s["mode"], num_samples=s["num_samples"],
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=s.metric,
+                                    mode=s.mode, num_samples=s.num_samples,
                                     max_concurrent_trials=concurrency,
                                     trial_dirname_creator=_trial_dirname),
         run_config=_tune_run_config(f"search{i}", storage, run, callbacks)), space

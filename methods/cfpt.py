@@ -23,7 +23,7 @@ CFPT replaces the FPN's top-down pathway by attention *across* the pyramid level
 * Output: level + attended level for strides 8..64, and a 3x3 stride-2 conv-BN-ReLU of the
   stride-64 output for stride 128.
 
-Choices, where SPEC.md and the official code (``duzw9311/CFPT``,
+Choices, where docs/methods.md and the official code (``duzw9311/CFPT``,
 ``mmdet/models/necks/cfpt.py``) leave room; the official structure is followed throughout:
 
 * Padding (our decision): the official module needs levels of exactly 8k, 4k, 2k, k pixels

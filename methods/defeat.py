@@ -1,6 +1,6 @@
 """DeFeat: knowledge distillation with decoupled features (Guo et al., CVPR 2021).
 
-Follows SPEC.md, section "DeFeat". Two stages, ``teacher -> student``:
+Follows docs/methods.md, section "DeFeat". Two stages, ``teacher -> student``:
 
 * ``teacher``: the harness trains the suite's detector with the larger
   backbone ``teacher_backbone`` (:meth:`DeFeat.stage_detector`); its artifact is
@@ -22,7 +22,7 @@ with the GT masks of :func:`gt_level_masks` and one 3x3 conv adapter per level
     L_neck = alpha_obj mean_levels(L_fg) + alpha_bg mean_levels(L_bg)
 
 Head term (Faster R-CNN only), :func:`decoupled_kd_loss` on the RoI
-classification logits. SPEC's decision: the TEACHER's RPN proposals after the
+classification logits. The decision (docs/methods.md): the TEACHER's RPN proposals after the
 teacher's own sampler (``roi_heads.select_training_samples``), with the
 teacher's labels (> 0 = positive), are pooled from both models' FPN features
 through each model's own ``box_roi_pool / box_head / box_predictor``.
@@ -32,16 +32,16 @@ the SAME backbone features the neck term uses: the student's forward is
 written out with torchvision's pieces (transform, backbone, rpn, roi_heads /
 head) so the backbone runs once per step.
 
-Decisions where SPEC.md is silent (following the paper / released code where
+Decisions where the specification (docs/methods.md) is silent (following the paper / released code where
 it says something):
 
 * All FPN levels take part in the neck term (P2..P6 of Faster R-CNN, P3..P7 of
   RetinaNet: the paper distils "the FPN features" without excluding a level).
   Padding added by the batch transform counts as background.
 * Level assignment ``k = floor(log2(sqrt((w + 1)(h + 1)) / canonical_size + 1e-6))``
-  is the released code's form (SPEC.md, revised; the paper writes ``sqrt(w h)``):
+  is the released code's form (docs/methods.md; the paper writes ``sqrt(w h)``):
   boxes just under the 112/224/448 px boundaries go up a level. It counts from
-  the FIRST available level: level 0 is P2 for Faster R-CNN (SPEC) and P3 for
+  the FIRST available level: level 0 is P2 for Faster R-CNN (docs/methods.md) and P3 for
   RetinaNet, i.e. on RetinaNet a 56-px box lands on P3. Box coordinates are
   those of the transformed (resized) batch.
 * The normalisers ``N_obj``, ``N_bg`` are taken over the whole batch of the
@@ -53,7 +53,7 @@ it says something):
   then averaged over the RoIs of the group; an empty group contributes 0.
 * Annealing (``anneal: true``) multiplies both terms by ``1 - progress`` with
   the harness's fractional progress (epoch + step / steps_per_epoch) / epochs,
-  a per-step version of SPEC's ``1 - epoch / epochs``.
+  a per-step version of the documented ``1 - epoch / epochs``.
 * ``parts: fg`` keeps only the foreground halves (``alpha_bg`` and ``beta_bg``
   forced to 0), ``parts: bg`` only the background halves (``alpha_obj`` and
   ``beta_obj`` forced to 0) -- the paper's ablations;
@@ -83,7 +83,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from harness.config import BACKBONES, DetectorSpec
 from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, StageContext
+from harness.method import Method, MethodConfig, Stage, StageContext
 from harness.models import (FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector, detection_losses,
                             load_state)
 
@@ -162,7 +162,7 @@ def _as_list(feats) -> list[Tensor]:
 
 def decoupled_neck_loss(student_feats, teacher_feats, masks: Sequence[Tensor], adapters: Sequence[nn.Module],
                         alpha_obj: float = 4.0, alpha_bg: float = 16.0) -> Tensor:
-    """``alpha_obj L_fg + alpha_bg L_bg`` averaged over FPN levels (SPEC.md).
+    """``alpha_obj L_fg + alpha_bg L_bg`` averaged over FPN levels (docs/methods.md).
 
     ``student_feats`` / ``teacher_feats``: per-level ``[N, C, H, W]`` maps (lists or
     ordered dicts, same shapes); ``masks``: per-level ``[N, H, W]`` from
@@ -223,7 +223,7 @@ def _kl_rows(zs: Tensor, zt: Tensor, temperature: float) -> Tensor:
 def decoupled_kd_loss(student_logits: Tensor, teacher_logits: Tensor, is_positive: Tensor,
                       T_obj: float = 1.0, T_bg: float = 1.0, beta_obj: float = 2.0, beta_bg: float = 2.0
                       ) -> Tensor:
-    """``beta_obj L_obj + beta_bg L_bg`` on RoI classification logits ``[R, K + 1]`` (SPEC.md).
+    """``beta_obj L_obj + beta_bg L_bg`` on RoI classification logits ``[R, K + 1]`` (docs/methods.md).
 
     ``L_obj = T_obj^2 * mean over positive RoIs of KL(softmax(z_t / T_obj) || softmax(z_s / T_obj))``,
     ``L_bg`` likewise over the negative RoIs with ``T_bg``; an empty group contributes 0.
@@ -345,7 +345,7 @@ class DeFeatStudent(nn.Module):
 
 # --------------------------------------------------------------------------- the plugin
 class DeFeatConfig(MethodConfig):
-    """Defaults from SPEC.md (COCO weights alpha 4 / 16, beta 2 / 2, temperatures 1)."""
+    """Defaults from docs/methods.md (COCO weights alpha 4 / 16, beta 2 / 2, temperatures 1)."""
     teacher_backbone: Backbone = "resnet50"
     teacher_checkpoint: str | None = None   # local detector weights: skips the teacher stage
     use_neck: bool = True
@@ -377,14 +377,15 @@ class DeFeatConfig(MethodConfig):
 class DeFeat(Method):
     name = "defeat"
     Config = DeFeatConfig
-    stages = ("teacher", "student")
+    stages = (Stage("teacher", reads=("teacher_backbone",)), Stage("student"))
     arch = "faster_rcnn"
     supported_archs = ("retinanet",)
-    stage_fields = {"teacher": ("teacher_backbone",)}
+    default_search = {"alpha_obj": {"loguniform": [0.5, 16.0]}, "alpha_bg": {"loguniform": [2.0, 64.0]},
+                      "beta_bg": {"loguniform": [0.5, 8.0]}}
 
     @property
     def active_stages(self) -> tuple[str, ...]:
-        return ("student",) if self.config.teacher_checkpoint else self.stages
+        return ("student",) if self.config.teacher_checkpoint else self.stage_names()
 
     def stage_detector(self, stage: str, detector: DetectorSpec) -> DetectorSpec:
         if stage != "teacher":
@@ -417,7 +418,7 @@ class DeFeat(Method):
         if stage == "teacher":  # the harness already applied stage_detector to ctx.detector
             return build_detector(ctx.detector, ctx.num_classes, arch=ctx.arch)
         if stage != "student":
-            raise ValueError(f"defeat has stages {self.stages}, not {stage!r}")
+            raise ValueError(f"defeat has stages {self.stage_names()}, not {stage!r}")
         c = self.config
         if ctx.arch == "retinanet" and not c.use_neck:
             raise ConfigError("RetinaNet has no RoI head: use_neck: false leaves nothing to distil",
@@ -437,10 +438,6 @@ class DeFeat(Method):
         if stage == "teacher":
             return model(images, targets)
         return model(images, targets, weight=self.distill_weight(ctx))
-
-    def search_space(self) -> dict:
-        return {"alpha_obj": {"loguniform": [0.5, 16.0]}, "alpha_bg": {"loguniform": [2.0, 64.0]},
-                "beta_bg": {"loguniform": [0.5, 8.0]}}
 
 
 __all__ = ["gt_level_masks", "make_adapters", "decoupled_neck_loss", "decoupled_kd_loss", "DeFeatStudent",

@@ -1,10 +1,10 @@
 """FCTL: feature corrective transfer learning with the EANSDL loss (Wei et al., CVPRW 2024).
 
-Follows SPEC.md, section "FCTL". The paper published no code, so this file is
+Follows docs/methods.md, section "FCTL". The paper published no code, so this file is
 meant to be read as the reference. Two stages, ``ideal -> corrective``:
 
 * ``ideal``: the suite's detector trained on clean images. Its artifact is keyed
-  by data / detector / schedule / seed only (``stage_fields = {"ideal": ()}``),
+  by data / detector / schedule / seed only (``Stage("ideal")`` reads no field),
   so a sweep over ``lambda_fs``, ``r0``, ``alpha``, ``beta``, ... trains it once.
 * ``corrective``: the same architecture, initialised from the ideal weights,
   trained on degraded twins x' of the training images with
@@ -42,10 +42,10 @@ The Sobel magnitude of the trained features and the local term are recomputed in
 the backward pass (activation checkpointing), so autograd keeps two copies of a
 map per level between forward and backward instead of about seven.
 
-Decisions where SPEC.md is silent (following the paper where it says something):
+Decisions where the specification (docs/methods.md) is silent (following the paper where it says something):
 
 * ``levels``: FPN levels (0 = the largest map, P2 on Faster R-CNN, P3 on
-  RetinaNet) that get the loss; default all five, summed as in SPEC's formula.
+  RetinaNet) that get the loss; default all five, summed as in the formula of docs/methods.md.
 * ``train_conditions``: the degradations of the corrective stage; default (None)
   the suite's corruption conditions of the dataset (what it is tested on). Each
   training image gets one of them per epoch, drawn from (seed, epoch, index),
@@ -76,7 +76,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, StageContext
+from harness.method import Method, MethodConfig, Stage, StageContext
 from harness.models import build_detector, detection_losses
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def level_radius(level: int, r0: int = 4) -> int:
 
 
 def omega_map_reference(d: Tensor, r: int) -> Tensor:
-    """Omega(x, y) of SPEC.md for ``D = G(A) - G(B)``, literally: a loop over the (2r+1)^2 offsets.
+    """Omega(x, y) of docs/methods.md for ``D = G(A) - G(B)``, literally: a loop over the (2r+1)^2 offsets.
 
     Clear and slow (autograd keeps every shifted difference): the oracle of the tests and
     the reference of ``make bench``. Returns a map of ``d``'s shape.
@@ -275,7 +275,7 @@ def _recomputed(fn, x: Tensor) -> Tensor:
 
 def eansdl(feat_ideal: Tensor, feat_degraded: Tensor, level: int, *, r0: int = 4, lambda_omega: float = 0.5,
            progress: float = 0.0, alpha: float = 2.0, beta: float = 1.0, reference: bool = False) -> Tensor:
-    """EANSDL of one FPN level (SPEC.md), a scalar.
+    """EANSDL of one FPN level (docs/methods.md), a scalar.
 
     ``feat_ideal`` (A): the frozen ideal model's features of the clean twin;
     ``feat_degraded`` (B): the corrective model's features of the degraded image, both
@@ -395,7 +395,7 @@ class TwinPairs(Dataset):
 
 # --------------------------------------------------------------------------- the plugin
 class FCTLConfig(MethodConfig):
-    """Defaults from SPEC.md (lambda_fs 1, r0 4, lambda_omega 0.5, alpha 2, beta 1); all sweepable."""
+    """Defaults from docs/methods.md (lambda_fs 1, r0 4, lambda_omega 0.5, alpha 2, beta 1); all sweepable."""
     variant: Literal["fctl", "degraded_only"] = "fctl"
     lambda_fs: float = Field(1.0, ge=0)
     r0: int = Field(4, ge=1)
@@ -425,22 +425,26 @@ class FCTLConfig(MethodConfig):
 class FCTL(Method):
     name = "fctl"
     Config = FCTLConfig
-    stages = ("ideal", "corrective")
+    #: The ideal model trains on clean images: no FCTL hyperparameter changes it. The corrective
+    #: model's EANSDL decays with training progress.
+    stages = (Stage("ideal"), Stage("corrective", takes_progress=True))
     arch = "faster_rcnn"
     supported_archs = ("retinanet",)
-    stage_fields = {"ideal": ()}  # clean training: no FCTL hyperparameter changes it
+    curves = {"fctl/": "FCTL EANSDL and decay"}
+    default_search = {"lambda_fs": {"loguniform": [0.1, 10.0]}, "r0": {"choice": [2, 4, 8]},
+                      "alpha": {"uniform": [0.5, 4.0]}, "beta": {"uniform": [0.5, 2.0]}}
 
     @property
     def active_stages(self) -> tuple[str, ...]:
         c = self.config
-        return ("corrective",) if c.variant == "degraded_only" and not c.init_from_ideal else self.stages
+        return ("corrective",) if c.variant == "degraded_only" and not c.init_from_ideal else self.stage_names()
 
     def train_conditions(self, ctx: StageContext) -> list:
         """The corrective stage's degradations: the config's, else the dataset's corruption test sets."""
         from harness.data.degrade import CORRUPTIONS, twin_conditions
         if self.config.train_conditions is not None:
             return twin_conditions(self.config.train_conditions, field="train_conditions")
-        found = [f"{c['name']}@{c['severity']}" for c in ctx.conditions if c.get("name") in CORRUPTIONS]
+        found = [c.label for c in ctx.conditions if c.name in CORRUPTIONS]
         if not found:
             raise ConfigError("fctl trains on degraded twins but the suite tests no corruption of this "
                               "dataset: set the method's train_conditions or the suite's conditions",
@@ -465,7 +469,7 @@ class FCTL(Method):
         if stage == "ideal":
             return build_detector(ctx.detector, ctx.num_classes, arch=ctx.arch)
         if stage != "corrective":
-            raise ValueError(f"fctl has stages {self.stages}, not {stage!r}")
+            raise ValueError(f"fctl has stages {self.stage_names()}, not {stage!r}")
         c = self.config
         detector = build_detector(ctx.detector, ctx.num_classes, arch=ctx.arch)
         needs_ideal = c.variant == "fctl" or c.init_from_ideal
@@ -477,12 +481,6 @@ class FCTL(Method):
         return CorrectiveModel(detector, ideal, c.levels, lambda_fs=c.lambda_fs, r0=c.r0,
                                lambda_omega=c.lambda_omega, alpha=c.alpha, beta=c.beta)
 
-    def training_losses(self, stage: str, model: nn.Module, images: list, targets: list[dict],
-                        ctx: StageContext) -> dict[str, Tensor]:
-        if stage == "ideal":
-            return model(images, targets)
-        return model(images, targets, progress=ctx.progress)
-
     def epoch_metrics(self, stage: str, model: nn.Module, ctx: StageContext) -> dict[str, float]:
         """Mean EANSDL (summed over levels, decay included, before lambda_fs) and decay of the epoch."""
         model = getattr(model, "module", model)
@@ -493,9 +491,6 @@ class FCTL(Method):
         model.reset_stats()
         return out
 
-    def search_space(self) -> dict:
-        return {"lambda_fs": {"loguniform": [0.1, 10.0]}, "r0": {"choice": [2, 4, 8]},
-                "alpha": {"uniform": [0.5, 4.0]}, "beta": {"uniform": [0.5, 2.0]}}
 
 
 __all__ = ["sobel_magnitude", "decay", "level_radius", "omega_map_reference", "OmegaSum", "eansdl",

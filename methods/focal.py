@@ -2,7 +2,7 @@
 
 ``variant: ce`` trains the same detector with plain sigmoid cross-entropy
 (gamma 0, no alpha weighting), the ablation row that shows what focal loss
-buys. Following SPEC.md the classification loss is normalised by the number of
+buys. Following docs/methods.md the classification loss is normalised by the number of
 positive anchors in the whole batch (torchvision normalises per image and then
 averages images; with one object count per image both agree).
 """
@@ -107,11 +107,10 @@ class FocalRetinaNet(Method):
     name = "focal"
     Config = FocalConfig
     arch = "retinanet"
+    default_search = {"gamma": {"uniform": [0.5, 3.0]}, "alpha": {"uniform": [0.1, 0.5]}}
 
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         model = build_detector(ctx.detector, ctx.num_classes, arch="retinanet")
         return replace_classification_head(model, FocalClassificationHead, ctx.detector,
                                            alpha=self.config.alpha, gamma=self.config.gamma)
 
-    def search_space(self) -> dict:
-        return {"gamma": {"uniform": [0.5, 3.0]}, "alpha": {"uniform": [0.1, 0.5]}}

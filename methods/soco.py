@@ -1,6 +1,6 @@
 """SoCo: object-level self-supervised pretraining of a detector (Wei et al., NeurIPS 2021).
 
-Follows SPEC.md, section "SoCo". Stages ``pretrain -> finetune``:
+Follows docs/methods.md, section "SoCo". Stages ``pretrain -> finetune``:
 
 * ``pretrain`` (no labels read, no evaluation): images of the training split (or of the
   folder ``pretrain_images``) become three views V1/V2/V3 with K corresponding
@@ -17,7 +17,7 @@ Follows SPEC.md, section "SoCo". Stages ``pretrain -> finetune``:
 * ``finetune``: the normal Faster R-CNN training, initialised with the pretrain
   artifact's backbone + FPN and RoI box head (``transfer_box_head``).
 
-Decisions where SPEC.md is silent (following the paper / released code, hologerry/SoCo):
+Decisions where the specification (docs/methods.md) is silent (following the paper / released code, hologerry/SoCo):
 
 * Each view pair (V1, V2) and (V1, V3) draws its own K proposals ("lie in both views":
   the proposal's intersection with the crop is non-empty; V2/V3 boxes are the clipped
@@ -53,7 +53,7 @@ from torchvision.ops import roi_align
 
 from harness.config import ScheduleSpec
 from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, StageContext
+from harness.method import Method, MethodConfig, Stage, StageContext
 from harness.models import FASTER_RCNN_STRIDES, build_detector
 from methods.soco_data import (ImageFolder, ProposalParams, ProposalStore, SoCoViews, ViewBuilder,
                                default_cache_dir, filter_proposals, has_selective_search,
@@ -205,7 +205,7 @@ class SoCoPretrainModel(nn.Module):
 
 # --------------------------------------------------------------------------- plugin
 class SoCoConfig(MethodConfig):
-    """Defaults from SPEC.md (SoCo); the smoke suite shrinks the views and MLP widths."""
+    """Defaults from docs/methods.md (SoCo); the smoke suite shrinks the views and MLP widths."""
     pretrain_images: str | None = None     # folder of unlabeled images; None: the training split
     proposal_cache: str | None = None      # None: <data cache>/soco_proposals
     pretrain_epochs: int | None = Field(None, ge=1)   # None: the suite's schedule
@@ -228,7 +228,7 @@ class SoCoConfig(MethodConfig):
     max_aspect: float = Field(3.0, ge=1)
     min_area_ratio: float = Field(0.3, ge=0)
     max_area_ratio: float = Field(0.8, le=1)
-    transfer_box_head: bool = True         # hand over the RoI box head too (SPEC: yes)
+    transfer_box_head: bool = True         # hand over the RoI box head too (docs/methods.md: yes)
 
     @model_validator(mode="after")
     def _check(self) -> "SoCoConfig":
@@ -243,11 +243,12 @@ class SoCo(Method):
     name = "soco"
     Config = SoCoConfig
     arch = "faster_rcnn"
-    stages = ("pretrain", "finetune")
-    #: What the pretrain stage reads (its artifact is keyed by these; the cache folder and
-    #: the hand-over switch do not change it).
-    stage_fields = {"pretrain": tuple(f for f in SoCoConfig.model_fields
-                                      if f not in ("proposal_cache", "transfer_box_head"))}
+    #: Pretraining reads every field but the cache folder and the hand-over switch (its artifact
+    #: is keyed by those it reads); it has no labels to evaluate against.
+    stages = (Stage("pretrain", reads=tuple(f for f in SoCoConfig.model_fields
+                                            if f not in ("proposal_cache", "transfer_box_head")), evaluates=False),
+              Stage("finetune"))
+    curves = {"train/byol": "SoCo pretraining loss"}
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -287,9 +288,6 @@ class SoCo(Method):
         update = {k: v for k, v in (("epochs", self.config.pretrain_epochs), ("lr", self.config.pretrain_lr))
                   if v is not None}
         return schedule.model_copy(update=update) if update else schedule
-
-    def evaluates(self, stage: str) -> bool:
-        return stage != "pretrain"
 
     def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
         if stage != "pretrain":

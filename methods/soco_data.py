@@ -13,11 +13,11 @@ resized to ``S``, and at ``S - x`` after a horizontal flip.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
+
+from harness.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def has_selective_search() -> bool:
 # --------------------------------------------------------------------------- proposals
 def filter_proposals(boxes, image_w: float, image_h: float, *, min_side: float = 32.0,
                      max_aspect: float = 3.0, area_ratio: tuple[float, float] = (0.3, 0.8)) -> np.ndarray:
-    """SPEC's proposal filter cascade on ``[n, 4]`` xyxy boxes; returns ``[m, 4]`` float32, m >= 1.
+    """The proposal filter cascade (docs/methods.md) on ``[n, 4]`` xyxy boxes; returns ``[m, 4]`` float32, m >= 1.
 
     Keep boxes with ``w, h >= min_side``, aspect ``w / h`` in ``[1/max_aspect, max_aspect]``
     and ``sqrt(w h) / sqrt(W H)`` in ``area_ratio`` (bounds inclusive). Where none
@@ -101,7 +103,7 @@ def selective_search(image_rgb: np.ndarray, *, scale: float = 300, sigma: float 
 def random_proposals(image_w: int, image_h: int, rng: np.random.Generator, n: int = 64, *,
                      min_side: float = 32.0, max_aspect: float = 3.0,
                      area_ratio: tuple[float, float] = (0.3, 0.8)) -> np.ndarray:
-    """The fallback generator: random boxes drawn to meet SPEC's filter (then filtered with it).
+    """The fallback generator: random boxes drawn to meet the specified filter (then filtered with it).
 
     Side ``sqrt(w h)`` uniform in ``area_ratio * sqrt(W H)``, aspect log-uniform in
     ``[1/max_aspect, max_aspect]``, position uniform inside the image.
@@ -148,7 +150,7 @@ class ProposalStore:
     logged warning. A disk entry is ``<sha256 of (image identity, W x H, params,
     generator)>.npy``; the identity of a file is its resolved path, byte size and
     mtime (a rewritten file is recomputed), of an in-memory image its pixels' hash.
-    Writes are atomic (temp file + ``os.replace``), so concurrent workers are safe.
+    Writes are atomic (:func:`harness.fileio.atomic_write`), so concurrent workers are safe.
     ``cache_dir=None``: memory only.
     """
 
@@ -221,15 +223,9 @@ class ProposalStore:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(boxes, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(boxes, dtype=np.float32), allow_pickle=False)
+        atomic_write(path, buf.getvalue(), fsync=False)  # a cache entry: recomputed if lost
 
 
 # --------------------------------------------------------------------------- views
@@ -291,7 +287,7 @@ def overlapping(boxes: Tensor, crop: tuple[int, int, int, int]) -> Tensor:
 
 
 def jitter_boxes(boxes: Tensor, g: torch.Generator, prob: float, ratio: float, width: int, height: int) -> Tensor:
-    """SPEC's box jitter, each box with probability ``prob``: x, y += U(-r, r) * w (h),
+    """The box jitter (docs/methods.md), each box with probability ``prob``: x, y += U(-r, r) * w (h),
     w, h *= 1 + U(-r, r); clipped to the image (stays non-empty for r < 0.5)."""
     out = boxes.clone().float()
     for i in range(len(out)):
@@ -330,7 +326,7 @@ def augment_view(img: Tensor, g: torch.Generator, view: str) -> Tensor:
 
 @dataclass(frozen=True)
 class ViewBuilder:
-    """SPEC's views of one image and K corresponding proposals per view pair.
+    """The views (docs/methods.md) of one image and K corresponding proposals per view pair.
 
     V1 = the whole image resized to ``view_size``; V2 = a random resized crop
     (scale ``crop_scale``, aspect 3/4..4/3) to ``view_size``; V3 = an independent one to
@@ -338,7 +334,7 @@ class ViewBuilder:
     code: each pair draws its own proposals) ``K`` proposals overlapping the crop are
     drawn without replacement, duplicates pad to K; the crop is resampled up to 10
     times when none overlaps, then the crop itself is the proposal. V2/V3 boxes are the
-    proposals clipped to the crop; V1 boxes are jittered (SPEC) and clipped to the image.
+    proposals clipped to the crop; V1 boxes are jittered (docs/methods.md) and clipped to the image.
     Each view is flipped independently (p 0.5; V1's two box sets with it), then augmented
     (:func:`augment_view`). Output: ``v1, v2 [3,S,S]; v3 [3,s,s]; b1_12, b2, b1_13, b3 [K,4]``
     in view pixels.

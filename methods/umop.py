@@ -1,6 +1,6 @@
 """UMOP: RetinaNet trained with the Progressive Focal Loss (PFL) and level-wise resampling.
 
-Follows SPEC.md, section "UMOP". Per FPN level ``l`` and per training step:
+Follows docs/methods.md, section "UMOP". Per FPN level ``l`` and per training step:
 
 * ``gamma_ad(l) = mean(-log p_i)`` over the level's positive anchors, ``p_i``
   the sigmoid probability of the anchor's GT class (``gamma_stat:
@@ -23,12 +23,12 @@ Follows SPEC.md, section "UMOP". Per FPN level ``l`` and per training step:
   normalisation are the worker's own, as in ``focal``.
 * The defaults (``mean_of_log`` + ``total_positives``) are the released code's
   configuration as a whole, the one that produced the published numbers
-  (SPEC.md, revised); the paper's forms stay selectable.
+  (docs/methods.md); the paper's forms stay selectable.
 * Under DDP the statistics are pooled sums and counts (the exact global mean);
   the released code averages the workers' means instead.
 * Box regression is RetinaNet's, unchanged.
 
-Decisions where SPEC.md is silent (following the PFL paper / released code):
+Decisions where the specification (docs/methods.md) is silent (following the PFL paper / released code):
 
 * A "positive" is an anchor matched to a GT box (torchvision's matcher, IoU >=
   0.5); ignored anchors (between thresholds) take no part in the loss nor the
@@ -267,7 +267,7 @@ def level_names(n: int) -> list[str]:
 
 # --------------------------------------------------------------------------- the plugin
 class UMOPConfig(MethodConfig):
-    """Defaults from SPEC.md. ``variant`` is a free leaderboard label (e.g. the level_norm in use)."""
+    """Defaults from docs/methods.md. ``variant`` is a free leaderboard label (e.g. the level_norm in use)."""
     variant: str = ""
     gamma: float = 2.0
     delta: float = 0.5
@@ -288,6 +288,8 @@ class UMOP(Method):
     name = "umop"
     Config = UMOPConfig
     arch = "retinanet"
+    curves = {"umop/gamma_ad/": "UMOP gamma_ad per level", "umop/alpha_ad/": "UMOP alpha_ad per level"}
+    default_search = {"delta": {"uniform": [0.0, 1.0]}, "w": {"uniform": [0.25, 1.0]}}
 
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         model = build_detector(ctx.detector, ctx.num_classes, arch="retinanet")
@@ -306,9 +308,6 @@ class UMOP(Method):
             out[f"umop/gamma_ad/{lvl}"] = g
             out[f"umop/alpha_ad/{lvl}"] = a
         return out
-
-    def search_space(self) -> dict:
-        return {"delta": {"uniform": [0.0, 1.0]}, "w": {"uniform": [0.25, 1.0]}}
 
 
 __all__ = ["adaptive_focal_params", "level_focal_params", "progressive_focal_loss", "ProgressiveFocalHead",

@@ -108,3 +108,16 @@ def detection_batch():
                {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 12.0, 12.0]]),
                 "labels": torch.tensor([3, 2]), "image_id": 2}]
     return images, targets
+
+
+def make_cell(method: str, method_config: dict, dataset, *, detector, schedule, arch: str = "faster_rcnn",
+              seed: int = 0):
+    """A planned cell without a suite file (``dataset``: a PreparedDataset or its dict)."""
+    from harness.data.loader import PreparedDataset
+    from harness.records import Cell
+    from harness.registry import METHODS
+    plugin = METHODS.get(method)(method_config)
+    data = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(**dataset)
+    return Cell(cell_id=f"{method}/{data.name}/seed{seed}", method=method, label=method, variant="",
+                stages=tuple(plugin.active_stages), method_config=plugin.config.model_dump(), detector=detector,
+                arch=arch, schedule=schedule, dataset=data, seed=seed)

@@ -250,7 +250,7 @@ def test_any_retinanet_method_takes_the_cfpt_neck(method):
     plugin = cls()
     spec = DetectorSpec(fpn_width=32, image_size=64, arch="retinanet", neck="cfpt",
                         neck_config={"num_heads": 2})
-    stage = plugin.stages[0]  # fctl: the ideal model (its corrective stage copies that detector)
+    stage = plugin.stage_names()[0]  # fctl: the ideal model (its corrective stage copies that detector)
     ctx = StageContext(stage=stage, detector=plugin.stage_detector(stage, spec), arch="retinanet",
                        schedule=ScheduleSpec(epochs=1), num_classes=2, class_names=["a", "b"],
                        device=torch.device("cpu"), seed=0)

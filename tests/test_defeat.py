@@ -348,19 +348,20 @@ def test_config_defaults_and_parts():
         DeFeat.validate_config({"use_neck": False, "use_head": False})
     with pytest.raises(ConfigError):
         DeFeat.validate_config({"alpha_obj": -1})
-    for key in DeFeat().search_space():
+    for key in DeFeat.default_search:
         DeFeat.check_search_key(key)
 
 
 def test_teacher_artifact_key_ignores_distillation_fields(registered):
     from harness.distributed import stage_artifact_key
-    cell = {"method": "defeat", "method_config": DeFeatConfig().model_dump(), "dataset": {"name": "d", "x": 1},
-            "detector": TINY.model_dump(), "arch": "faster_rcnn", "schedule": ScheduleSpec().model_dump(),
-            "seed": 0, "stages": ["teacher", "student"]}
+    from dataclasses import replace
+    from runkit import make_cell
+    cell = make_cell("defeat", {}, {"name": "d", **{f: "x" for f in ("train_annotations", "train_images",
+                     "val_annotations", "val_images")}}, detector=TINY, schedule=ScheduleSpec())
     key = stage_artifact_key(cell, "teacher")
-    swept = {**cell, "method_config": DeFeatConfig(alpha_obj=1.0, use_head=False, anneal=True).model_dump()}
+    swept = replace(cell, method_config=DeFeatConfig(alpha_obj=1.0, use_head=False, anneal=True).model_dump())
     assert stage_artifact_key(swept, "teacher") == key
-    bigger = {**cell, "method_config": DeFeatConfig(teacher_backbone="resnet101").model_dump()}
+    bigger = replace(cell, method_config=DeFeatConfig(teacher_backbone="resnet101").model_dump())
     assert stage_artifact_key(bigger, "teacher") != key
     assert DeFeat().stage_key("teacher") == {"teacher_backbone": "resnet50"}
 
@@ -383,22 +384,21 @@ def test_ablation_suite_is_valid(registered):
 def test_harness_runs_teacher_then_student(registered, tmp_path):
     """The engine's own loop: the teacher stage's detector becomes the student stage's artifact."""
     from harness.data.synthetic import write_synthetic_coco
-    from harness.distributed import _job
+    from harness.distributed import stage_job
     from harness.engine import run_stage
+    from runkit import make_cell
     tr = write_synthetic_coco(tmp_path / "train", n_images=4, seed=0, image_size=64, max_objects=2)
     va = write_synthetic_coco(tmp_path / "val", n_images=2, seed=1, image_size=64, max_objects=2)
     data = {"name": "tiny", "train_annotations": str(tr), "train_images": str(tr.parent),
             "val_annotations": str(va), "val_images": str(va.parent)}
-    cfg = {"method": "defeat", "method_config": {"teacher_backbone": "resnet34", "anneal": True},
-           "arch": "faster_rcnn", "detector": TINY.model_dump(), "dataset": data, "seed": 0,
-           "schedule": ScheduleSpec(epochs=1, batch_size=4, warmup_iters=1).model_dump(), "artifacts": {}}
-    method = DeFeat(cfg["method_config"])
-    _, teacher = run_stage(_job({**cfg, "stage": "teacher"}), device=torch.device("cpu"), max_steps=1)
+    cell = make_cell("defeat", {"teacher_backbone": "resnet34", "anneal": True}, data, detector=TINY,
+                     schedule=ScheduleSpec(epochs=1, batch_size=4, warmup_iters=1))
+    method = cell.plugin
+    _, teacher = run_stage(stage_job(cell, "teacher"), device=torch.device("cpu"), max_steps=1)
     assert teacher.backbone.body.layer4[0].conv1.in_channels == 256   # resnet34, not the suite's resnet18
     art = tmp_path / "detector.pt"
     torch.save(method.detector_of(teacher).state_dict(), art)
-    state, model = run_stage(_job({**cfg, "stage": "student", "artifacts": {"teacher": str(art)}}),
-                             device=torch.device("cpu"))
+    state, model = run_stage(stage_job(cell, "student", {"teacher": str(art)}), device=torch.device("cpu"))
     record = state.history[-1]
     assert {"train/defeat_neck", "train/defeat_head", "train/loss_classifier", "val/AP"} <= set(record)
     assert all(math.isfinite(record[k]) for k in ("train/loss", "train/defeat_neck", "train/defeat_head"))

@@ -151,14 +151,15 @@ def test_shared_stages_agree_with_the_trial_artifact_key(tmp_path):
     from harness.dryrun import stage_key
     from harness.plan import plan_cells
     from harness.data.loader import PreparedDataset
+    from dataclasses import replace
     text = TINY.replace("  - name: focal\n", "  - name: fctl\n    config: {variant: degraded_only}\n"
                         "    schedule: {epochs: 2}\n  - name: focal\n")
     suite = load_suite(write(tmp_path, text), check_paths=False)
     prepared = {"shapes": PreparedDataset("shapes", "a.json", "a", "b.json", "b", repeat=3)}
-    cells = [c for c in plan_cells(suite, prepared) if len(c["stages"]) > 1]
-    spec = {"name": "shapes", **suite.datasets[0].model_dump()}
-    ours = [stage_key({**c, "dataset": spec}, c["stages"][0]) for c in cells]
-    theirs = [stage_artifact_key(c, c["stages"][0]) for c in cells]
+    cells = [c for c in plan_cells(suite, prepared) if len(c.stages) > 1]
+    stub = PreparedDataset("shapes", *[f"(dry run) {suite.datasets[0].model_dump_json()}"] * 4, repeat=3)
+    ours = [stage_key(replace(c, dataset=stub), c.stages[0]) for c in cells]
+    theirs = [stage_artifact_key(c, c.stages[0]) for c in cells]
     same = lambda keys: [[a == b for b in keys] for a in keys]  # noqa: E731
     assert same(ours) == same(theirs)
     assert any(a == b for i, a in enumerate(ours) for b in ours[i + 1:])  # fctl variants do share

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
+from harness.data.loader import PreparedDataset
 from harness.engine import NonFiniteLoss, StageJob, lr_factor, run_stage
 from harness.method import Method
 from methods.faster_rcnn import FasterRCNNBaseline
@@ -14,7 +15,7 @@ TINY = DetectorSpec(fpn_width=16, image_size=64)
 
 def job(tiny_data, method=None, **schedule):
     s = ScheduleSpec(**{"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, **schedule})
-    return StageJob(method=method or FasterRCNNBaseline(), stage="train", dataset=tiny_data, detector=TINY,
+    return StageJob(method=method or FasterRCNNBaseline(), stage="train", dataset=PreparedDataset(**tiny_data), detector=TINY,
                     arch="faster_rcnn", schedule=s, seed=0)
 
 

@@ -234,7 +234,9 @@ def test_train_dataset_gives_geometry_sharing_twins(tiny_data):
 
 def test_train_conditions_default_to_the_suites_corruptions():
     method = FCTL()
-    conds = [{"label": "fog@3", "name": "fog", "severity": 3}, {"label": "voc", "name": "rtts", "severity": 0}]
+    from harness.data.loader import PreparedCondition
+    conds = [PreparedCondition("fog@3", "fog", 3, "a.json", "imgs"),
+             PreparedCondition("rtts", "rtts", 0, "b.json", "rtts", by_name=True)]
     assert [c.label for c in method.train_conditions(ctx_for(conditions=conds))] == ["fog@3"]
     with pytest.raises(ConfigError, match="train_conditions"):
         method.train_conditions(ctx_for())
@@ -250,21 +252,22 @@ def test_config_defaults_validation_and_sweepable_fields():
         FCTL.validate_config({"levels": [0, 0]})
     with pytest.raises(ConfigError):
         FCTL.validate_config({"r0": 0})
-    for key in ("lambda_fs", "r0", "lambda_omega", "alpha", "beta", "levels", *FCTL().search_space()):
+    for key in ("lambda_fs", "r0", "lambda_omega", "alpha", "beta", "levels", *FCTL.default_search):
         FCTL.check_search_key(key)
 
 
 def test_ideal_artifact_key_ignores_every_fctl_field():
     from harness.distributed import stage_artifact_key
-    cell = {"method": "fctl", "method_config": FCTLConfig().model_dump(), "dataset": {"name": "d", "x": 1},
-            "detector": TINY.model_dump(), "arch": "faster_rcnn", "schedule": ScheduleSpec().model_dump(),
-            "seed": 0, "stages": ["ideal", "corrective"]}
+    from dataclasses import replace
+    from runkit import make_cell
+    cell = make_cell("fctl", {}, {"name": "d", **{f: "x" for f in ("train_annotations", "train_images",
+                     "val_annotations", "val_images")}}, detector=TINY, schedule=ScheduleSpec())
     key = stage_artifact_key(cell, "ideal")
     for change in ({"lambda_fs": 3.0}, {"r0": 2}, {"alpha": 1.0, "beta": 2.0}, {"variant": "degraded_only"},
                    {"train_conditions": ["rain@2"]}):
-        swept = {**cell, "method_config": FCTLConfig(**change).model_dump()}
+        swept = replace(cell, method_config=FCTLConfig(**change).model_dump())
         assert stage_artifact_key(swept, "ideal") == key, change
-    assert stage_artifact_key({**cell, "seed": 1}, "ideal") != key
+    assert stage_artifact_key(replace(cell, seed=1), "ideal") != key
 
 
 def test_weather_suite_is_valid():
@@ -280,16 +283,15 @@ def test_weather_suite_is_valid():
 
 def test_harness_runs_ideal_then_corrective(tiny_data, tmp_path):
     """The engine's own loop: degraded twins per epoch, the ideal artifact, EANSDL and decay logged."""
-    from harness.distributed import _job
+    from harness.distributed import stage_job
     from harness.engine import run_stage
-    cfg = {"method": "fctl", "method_config": {"train_conditions": ["fog@2"], "levels": [0, 1]},
-           "arch": "faster_rcnn", "detector": TINY.model_dump(), "dataset": tiny_data, "seed": 0,
-           "schedule": ScheduleSpec(epochs=2, batch_size=4, warmup_iters=1).model_dump(), "artifacts": {}}
-    _, ideal = run_stage(_job({**cfg, "stage": "ideal"}), device=torch.device("cpu"), max_steps=1)
+    from runkit import make_cell
+    cell = make_cell("fctl", {"train_conditions": ["fog@2"], "levels": [0, 1]}, tiny_data, detector=TINY,
+                     schedule=ScheduleSpec(epochs=2, batch_size=4, warmup_iters=1))
+    _, ideal = run_stage(stage_job(cell, "ideal"), device=torch.device("cpu"), max_steps=1)
     art = tmp_path / "detector.pt"
     torch.save(ideal.state_dict(), art)
-    state, model = run_stage(_job({**cfg, "stage": "corrective", "artifacts": {"ideal": str(art)}}),
-                             device=torch.device("cpu"))
+    state, model = run_stage(stage_job(cell, "corrective", {"ideal": str(art)}), device=torch.device("cpu"))
     first, last = state.history
     assert {"train/eansdl", "fctl/eansdl", "fctl/decay", "val/AP"} <= set(last)
     assert last["fctl/decay"] < first["fctl/decay"] < 1.0

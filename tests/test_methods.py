@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.method import Method, StageContext
+from harness.method import Method, Stage, StageContext
 from harness.registry import METHODS
 from runkit import detection_batch, method_context
 
@@ -25,6 +25,12 @@ def test_builtin_plugins_registered_through_entry_points():
 def test_plugin_contract(name):
     cls = METHODS.get(name)
     assert issubclass(cls, Method) and cls.name == name and cls.stages
+    assert all(isinstance(s, Stage) for s in cls.stages) and cls.stages[-1].evaluates
+    for stage in cls.stages[:-1]:  # what an earlier stage reads is a config field
+        assert set(stage.reads) <= set(cls.Config.model_fields), stage
+    for key in cls.default_search:  # a declared default space is searchable as it stands
+        cls.check_search_key(key)
+    assert isinstance(cls.find_unused_parameters, bool) and all(isinstance(t, str) for t in cls.curves.values())
     assert cls.arch in ("faster_rcnn", "retinanet")
     method = cls()  # defaults must be valid
     for field, _, default in cls.describe():
@@ -35,7 +41,7 @@ def test_plugin_contract(name):
 def test_plugin_trains_one_step_and_evaluates(name):
     torch.manual_seed(0)
     method = METHODS.get(name)()
-    for stage in method.stages:
+    for stage in method.stage_names():
         ctx = ctx_for(type(method), stage)
         model = method.build_model(stage, ctx)
         model.train()

@@ -165,3 +165,25 @@ def test_dict_rows_are_validated(tmp_path):
     assert store.read().metric.tolist() == ["AP"]
     with pytest.raises(ValidationError):
         store.write_trial("t1", [dict(BASE, status="nope")])
+
+
+def test_finished_lookup_reads_one_index_entry_not_every_trial(tmp_path, monkeypatch):
+    """A starting trial's "already done?" question costs O(1) files, however many trials the run has."""
+    import pyarrow.parquet as pq
+    store = ResultStore(tmp_path)
+    for i in range(40):
+        store.write_trial(f"t{i}", [r.model_copy(update={"cell": f"c{i}"}) for r in trial_rows(f"t{i}")])
+    failed = [row(trial_id="tf", cell="c99", status="failed", reason="boom", metric="status", value=math.nan)]
+    store.write_trial("tf", failed)
+    reads = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    # a restored trial finds its own rows; a new trial id of the same cell + config finds the indexed one
+    assert set(store.finished("t7", "c7", "abc")["trial_id"]) == {"t7"} and len(reads) == 1
+    reads.clear()
+    assert set(store.finished("new", "c12", "abc")["trial_id"]) == {"t12"} and len(reads) == 2
+    reads.clear()
+    assert store.finished("new", "c12", "other-hash") is None      # another config: not finished
+    assert store.finished("tf", "c99", "abc") is None and len(reads) <= 2  # failed rows never finish a cell
+    store.retire("tf")
+    assert store.finished("new", "c99", "abc") is None

@@ -11,6 +11,7 @@ import torch
 import methods.soco_data as sd
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.data.coco import CocoDetection, load_coco
+from harness.data.loader import PreparedDataset
 from harness.errors import ConfigError
 from harness.method import StageContext
 from methods.soco import (SoCo, SoCoConfig, SoCoPretrainModel, assign_fpn_level, byol_loss, filter_proposals,
@@ -299,9 +300,9 @@ def test_weight_handover_to_finetune(tmp_path, caplog):
 
 def test_plugin_hooks_and_config():
     m = SoCo()
-    assert m.stages == ("pretrain", "finetune") and m.arch == "faster_rcnn"
-    assert not m.evaluates("pretrain") and m.evaluates("finetune")
-    assert "proposal_cache" not in m.stage_fields["pretrain"] and "view_size" in m.stage_fields["pretrain"]
+    assert m.stage_names() == ("pretrain", "finetune") and m.arch == "faster_rcnn"
+    assert not m.stage("pretrain").evaluates and m.stage("finetune").evaluates
+    assert "proposal_cache" not in m.stage("pretrain").reads and "view_size" in m.stage("pretrain").reads
     s = ScheduleSpec(epochs=6, lr=0.02)
     assert SoCo({"pretrain_epochs": 2, "pretrain_lr": 0.1}).stage_schedule("pretrain", s).epochs == 2
     assert SoCo({"pretrain_epochs": 2}).stage_schedule("finetune", s) == s
@@ -314,7 +315,7 @@ def test_both_stages_through_the_engine(tmp_path, tiny_data):
     from harness.engine import StageJob, run_stage
     m = method(tmp_path, pretrain_epochs=1)
     sched = ScheduleSpec(epochs=2, batch_size=4, warmup_iters=0)
-    job = StageJob(method=m, stage="pretrain", dataset=tiny_data, detector=TINY, arch="faster_rcnn",
+    job = StageJob(method=m, stage="pretrain", dataset=PreparedDataset(**tiny_data), detector=TINY, arch="faster_rcnn",
                    schedule=m.stage_schedule("pretrain", sched), seed=0)
     state, model = run_stage(job, device=torch.device("cpu"))
     rec = state.history[-1]
@@ -322,7 +323,7 @@ def test_both_stages_through_the_engine(tmp_path, tiny_data):
     assert rec["soco/momentum"] == pytest.approx(momentum(2, 3))                # 12 images / 4 = 3 steps
     path = tmp_path / "pretrain.pt"
     torch.save(m.detector_of(model).state_dict(), path)
-    job = StageJob(method=m, stage="finetune", dataset=tiny_data, detector=TINY, arch="faster_rcnn",
+    job = StageJob(method=m, stage="finetune", dataset=PreparedDataset(**tiny_data), detector=TINY, arch="faster_rcnn",
                    schedule=sched, seed=0, artifacts={"pretrain": path})
     _, det = run_stage(job, device=torch.device("cpu"), max_steps=1)
     assert not torch.equal(det.backbone.body.conv1.weight, model.detector.backbone.body.conv1.weight)  # trained on

@@ -284,7 +284,7 @@ def test_config_defaults_validation_and_search_space():
                 {"w": 2.0}, {"unknown": 1}):
         with pytest.raises(ConfigError):
             UMOP.validate_config(bad)
-    space = UMOP().search_space()
+    space = UMOP.default_search
     for key, dist in space.items():
         UMOP.check_search_key(key)
         lo, hi = dist["uniform"]

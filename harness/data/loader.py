@@ -35,6 +35,26 @@ class PreparedDataset:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class PreparedCondition:
+    """One degraded test set of a dataset, ready for the workers (JSON-able).
+
+    A corruption rendered into the cache (``images``: its image root, the dataset's own
+    annotations) or a real degraded set (``by_name``: it has its own category ids, matched
+    to the training classes by name).
+    """
+    label: str          # "fog@3", or a real set's name
+    name: str           # the corruption's name, or the real set's
+    severity: int       # 1..5; 0 for a real set
+    annotations: str
+    images: str
+    protocol: str = "coco"
+    by_name: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True,
                     progress: bool = False) -> PreparedDataset:
     """Materialise (synthetic) or locate (COCO) a dataset and validate both splits.
@@ -139,16 +159,15 @@ def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank:
 
 
 def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, *, seed: int = 0,
-                       progress: bool = False) -> list[dict]:
+                       progress: bool = False) -> list[PreparedCondition]:
     """Test conditions of one dataset other than clean, ready for the workers.
 
     Corruptions are rendered once per (image, corruption, severity) into the
     cache (reused by every trial and worker); real degraded sets are validated
-    and, for VOC XML, converted to COCO once. Each entry: ``label, name,
-    severity, annotations, images, protocol, by_name`` (``by_name``: the set has
-    its own category ids, matched to the training classes by name).
+    and, for VOC XML, converted to COCO once.
     """
-    from harness.data.degrade import expand_conditions, render_condition
+    from harness.data.conditions import expand_conditions
+    from harness.data.render_cache import render_condition
     out = []
     val = None
     corruptions = [c for c in items if not (isinstance(c, dict) and "format" in c)]
@@ -157,9 +176,8 @@ def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, 
             continue
         val = val or load_split(prepared, "val", check_images=False)
         root = render_condition(val, cond, Path(cache_dir) / "conditions", suite_seed=seed, progress=progress)
-        out.append({"label": cond.label, "name": cond.name, "severity": cond.severity,
-                    "annotations": prepared.val_annotations, "images": str(root),
-                    "protocol": prepared.protocol, "by_name": False})
+        out.append(PreparedCondition(cond.label, cond.name, cond.severity, prepared.val_annotations, str(root),
+                                     prepared.protocol, by_name=False))
     for real in (c for c in items if isinstance(c, dict) and "format" in c):
         if real.get("dataset") not in (None, prepared.name):
             continue
@@ -169,6 +187,5 @@ def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, 
             key = hashlib.sha256(f"{real['xml']}|{real['images']}".encode()).hexdigest()[:12]
             ann = str(write_voc_as_coco(real["xml"], real["images"], Path(cache_dir) / "voc" / f"{key}.json"))
         check_images(load_coco(ann, real["images"]), progress=progress)  # validated now, not inside a worker
-        out.append({"label": real["name"], "name": real["name"], "severity": 0, "annotations": ann,
-                    "images": real["images"], "protocol": "coco", "by_name": True})
+        out.append(PreparedCondition(real["name"], real["name"], 0, ann, real["images"], "coco", by_name=True))
     return out
