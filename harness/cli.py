@@ -124,6 +124,8 @@ def cmd_methods(args) -> int:
             print(f"    {doc[0]}")
         for field, typ, default in cls.describe():
             print(f"    {field}: {typ} = {default!r}")
+        if cls.default_search:
+            print(f"    search (space: default): {cls.default_search}")
     from harness.necks import NECKS
     print("\nnecks (detector.neck; fields go in detector.neck_config):")
     for name in NECKS.names():

@@ -86,6 +86,16 @@ def test_search_key_must_exist(tmp_path):
     assert "gammma" in msg and "methods[1].search.space" in msg
 
 
+def test_default_search_space_is_the_methods_declared_one(tmp_path):
+    from methods.focal import FocalRetinaNet
+    suite = load(tmp_path, GOOD.replace("config: {variant: ce}", "search: {space: default, num_samples: 2}"))
+    search = suite.methods[1].search
+    assert search.space == FocalRetinaNet.default_search and search.num_samples == 2
+    msg = error_of(tmp_path, GOOD.replace("  - name: faster_rcnn\n",
+                                          "  - name: faster_rcnn\n    search: {space: default}\n"))
+    assert "declares no default search space" in msg and "methods[0].search.space" in msg
+
+
 def test_missing_dataset_path(tmp_path):
     text = GOOD.replace("format: synthetic", "format: coco\n    train: {annotations: nope.json, images: img}\n"
                         "    val: {annotations: nope.json, images: img}")
