@@ -110,6 +110,17 @@ def cmd_artifacts(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from harness.golden import check_run, format_checks, write_golden
+    if args.write:
+        path = write_golden(args.run_dir, args.against)
+        print(f"wrote the reference {path} from {args.run_dir}; commit it deliberately")
+        return 0
+    checks = check_run(args.run_dir, args.against)
+    print(format_checks(checks, args.tolerance))
+    return 1 if any(c.state(args.tolerance) in ("regressed", "missing") for c in checks) else 0
+
+
 def cmd_methods(args) -> int:
     from harness.registry import METHODS
     if args.cost:
@@ -212,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("action", choices=("ls", "gc"))
     a.add_argument("run_dir")
     a.set_defaults(func=cmd_artifacts)
+
+    ck = sub.add_parser("check", help="compare a run with a committed reference (golden) file: exit 1 "
+                        "naming every cell that regressed beyond the tolerance or is missing")
+    ck.add_argument("run_dir")
+    ck.add_argument("--against", required=True, metavar="FILE", help="reference CSV, e.g. results/golden/smoke.csv")
+    ck.add_argument("--tolerance", type=float, default=0.02,
+                    help="absolute, in metric units (0.02 = 2 AP points); default 0.02")
+    ck.add_argument("--write", action="store_true", help="instead: write FILE from this run (a reviewed commit)")
+    ck.set_defaults(func=cmd_check)
 
     cl = sub.add_parser("cluster", help="Ray cluster tools").add_subparsers(dest="cluster_command", required=True)
     ci = cl.add_parser("info", help="nodes, resources, and what a suite's trials would request")
