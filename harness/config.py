@@ -213,6 +213,10 @@ class ScheduleSpec(Strict):
     # Mixed precision: forward and losses under torch.autocast (fp16 + GradScaler on CUDA, bf16 on CPU);
     # loss terms that need full precision compute in fp32 inside it.
     amp: bool = False
+    # Deterministic kernels where they exist (torch.use_deterministic_algorithms, cuDNN without
+    # benchmarking, a fixed cuBLAS workspace). CPU training is deterministic already; on CUDA some
+    # ops have no deterministic backward (roi_align's uses atomics): they warn, results still vary.
+    deterministic: bool = False
     # Batches of images with similar aspect ratios (torchvision references' GroupedBatchSampler):
     # 2 * factor + 1 bins of log2 aspect ratio; None: plain shuffled batches.
     aspect_ratio_group_factor: int | None = Field(None, ge=0)

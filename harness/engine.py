@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> None:
+    """``schedule.deterministic``: deterministic kernels where PyTorch has them.
+
+    On CPU, training here is already bitwise repeatable for a seed (same thread count). On
+    CUDA, cuDNN's autotuner and atomics-based kernels vary run to run: this turns the autotuner
+    off, fixes cuBLAS's workspace (read when its handle is created, so before the first matmul)
+    and asks for deterministic algorithms. Ops without one -- notably ``roi_align``'s backward
+    (Faster R-CNN's box head, DeFeat, SoCo) and ``index_put`` with accumulate -- only warn
+    (``warn_only``): the run still goes, but is not bitwise repeatable on GPU.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def parameter_groups(model: nn.Module, s: ScheduleSpec) -> list[dict]:
@@ -350,6 +367,8 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
     """
     seed_everything(job.seed * 1000 + rank)
     s = job.schedule
+    if s.deterministic:
+        use_deterministic_kernels()
     train_index = load_split(job.dataset, "train", check_images=False)
     val_index = load_split(job.dataset, "val", check_images=False)
     ctx = StageContext(stage=job.stage, detector=job.detector, arch=job.arch, schedule=s,
