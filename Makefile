@@ -4,16 +4,16 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.detbench-installed
 PYTHON  ?= python3
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench lock clean
 
 install: $(STAMP)
 
-# torch/torchvision pinned and installed first: pip takes them from the machine's local wheels.
-$(STAMP): pyproject.toml
+# The exact versions of requirements.lock (torch 2.14.1 / torchvision 0.29.1 come from the machine's
+# local wheels), then detbench itself; `make lock` refreshes the lock from pyproject.toml.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps imagecorruptions-imaug
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Refresh requirements.lock: a fresh environment resolved from pyproject.toml, frozen. Commit the result.
+LOCK_VENV := /tmp/detbench-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LOCK_VENV)/bin/python -m pip install -q '.[test]'
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps imagecorruptions-imaug
+	(echo "# Exact versions of a detbench environment (make install). Refresh: make lock"; \
+	 $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^detbench') > requirements.lock
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf results/runs .pytest_cache

@@ -55,6 +55,32 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+#: Exact versions of a reproducible install (``make install``; refreshed by ``make lock``).
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def lock_status(versions: dict[str, str], lock_file: Path = LOCK_FILE) -> dict:
+    """Whether the imported versions are the lock file's: ``{"file", "matches", "differs"}``.
+
+    ``differs``: package -> [locked, installed] for each recorded package the lock pins
+    otherwise; ``matches`` is None where there is no lock file (an installed wheel).
+    """
+    if not lock_file.is_file():
+        return {"file": None, "matches": None, "differs": {}}
+    locked = {}
+    for line in lock_file.read_text().splitlines():
+        name, sep, ver = line.split("#")[0].strip().partition("==")
+        if sep:
+            locked[_normalise(name)] = ver.strip()
+    differs = {p: [locked[_normalise(p)], v] for p, v in versions.items()
+               if _normalise(p) in locked and locked[_normalise(p)] != v}
+    return {"file": str(lock_file), "matches": not differs, "differs": differs}
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
@@ -119,7 +145,8 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     shutil.copyfile(checked.path, run_dir / "suite.yaml")
     import ray
     versions = package_versions()
-    manifest = {"suite": suite.model_dump(), "versions": versions, "git_sha": git_sha(),
+    manifest = {"suite": suite.model_dump(), "versions": versions, "lock": lock_status(versions),
+                "git_sha": git_sha(),
                 "cluster": {"nodes": nodes, "ray_address": ray.get_runtime_context().gcs_address},
                 "ray_session_dir": ray._private.worker._global_node.get_session_dir_path()
                 if ray._private.worker._global_node else None,
