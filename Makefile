@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.detbench-installed
 PYTHON  ?= python3
 
-.PHONY: install demo test test-fast bench lock clean
+.PHONY: install demo test test-fast test-signal bench lock clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ test: $(STAMP)
 
 # The edit-test loop: everything but the tests that start Ray clusters or detbench drivers.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not signal"
+
+# Every smoke cell learns (AP50 >= 0.30) and falls >= 0.10 with its classification term off (~20 min).
+test-signal: $(STAMP)
+	$(PY) -m pytest -q -s -m signal tests/test_smoke_signal.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

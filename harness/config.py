@@ -217,6 +217,10 @@ class ScheduleSpec(Strict):
     # benchmarking, a fixed cuBLAS workspace). CPU training is deterministic already; on CUDA some
     # ops have no deterministic backward (roi_align's uses atomics): they warn, results still vary.
     deterministic: bool = False
+    # Scales named loss terms before they are summed (every term is still logged as computed):
+    # 0 switches a term off, for ablations and for the deliberately broken variants a CI smoke
+    # check compares with (docs/ci.md). Terms not named keep weight 1.
+    loss_weights: dict[str, float] = Field(default_factory=dict)
     # Batches of images with similar aspect ratios (torchvision references' GroupedBatchSampler):
     # 2 * factor + 1 bins of log2 aspect ratio; None: plain shuffled batches.
     aspect_ratio_group_factor: int | None = Field(None, ge=0)

@@ -62,8 +62,10 @@ def train_worker(cfg: dict) -> StageOutput:
     """Ray Train worker loop for one stage; rank 0's return value goes back to the trial.
 
     ``cfg`` (Train's ``train_loop_config``, plain JSON): ``cell`` (:meth:`Cell.to_dict`),
-    ``stage``, ``artifacts`` (earlier stage -> weights file) and ``threads``.
+    ``stage``, ``artifacts`` (earlier stage -> weights file), ``threads`` and ``fit_started``
+    (when the trial asked for this worker group: the start-up cost is recorded as a metric).
     """
+    entered = time.time()
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -113,7 +115,8 @@ def train_worker(cfg: dict) -> StageOutput:
     except NonFiniteLoss as exc:
         return StageOutput.failed(str(exc), history=(state or StageState()).history, resumes=resumes,
                                   node_id=_worker_nodes(world))
-    return StageOutput("ok", history=state.history, final={**state.last_eval, **state.cost}, resumes=resumes,
+    timing = {"cost/worker_start_s": entered - cfg.get("fit_started", entered), "cost/worker_s": time.time() - entered}
+    return StageOutput("ok", history=state.history, final={**state.last_eval, **state.cost, **timing}, resumes=resumes,
                        conditions=state.conditions, node_id=_worker_nodes(world))
 
 
@@ -163,7 +166,7 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cell": cell.to_dict(), "stage": stage, "artifacts": artifacts,
-                           "threads": res.cpus_per_worker},
+                           "threads": res.cpus_per_worker, "fit_started": time.time()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
@@ -172,10 +175,12 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()] if last else []))
+    started = time.time()
     result = trainer.fit()
     out = result.return_value or StageOutput.failed(f"stage {stage}: no result")
     if not out.ok:
         raise StageFailed(out)
+    out.final["cost/stage_s"] = time.time() - started  # the whole Train run: start-up, training, teardown
     return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
 
 

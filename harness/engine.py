@@ -267,6 +267,14 @@ class FiniteWatch:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {int(self.step) + 1}: {detail}")
 
 
+def _check_loss_weights(weights: dict[str, float], terms: dict, stage: str) -> None:
+    """A weighted name that is no term of this stage is said once (a typo would do nothing)."""
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        log.warning("schedule.loss_weights: %s not a loss term of stage %r (its terms: %s)",
+                    ", ".join(unknown), stage, ", ".join(sorted(terms)))
+
+
 def set_lr(optimizer, it: int, total: int, s: ScheduleSpec) -> None:
     for g in optimizer.param_groups:
         g["lr"] = s.base_lr * lr_factor(it, total, s)
@@ -290,7 +298,9 @@ def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimiz
         images, targets = to_device(images, device), to_device(targets, device)
         with precision.autocast(device):
             terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
-            loss = sum(terms.values())
+            if step == 0 and s.loss_weights:
+                _check_loss_weights(s.loss_weights, terms, job.stage)
+            loss = sum(v * s.loss_weights.get(k, 1.0) for k, v in terms.items())
         watch.note(step, loss, terms)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()

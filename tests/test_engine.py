@@ -92,3 +92,27 @@ def test_finiteness_is_looked_at_every_few_steps_not_every_step(tiny_data, monke
     monkeypatch.setattr(engine, "FINITE_CHECK_EVERY", 2)
     run_stage(job(tiny_data, epochs=1, batch_size=2), device=torch.device("cpu"))  # 6 steps
     assert len(looks) == 3
+
+
+class HeavyTermMethod(FasterRCNNBaseline):
+    """Adds a large extra term; with ``loss_weights: {heavy: 0}`` it must not change training."""
+    name = "heavy"
+
+    def training_losses(self, stage, model, images, targets, ctx):
+        terms = super().training_losses(stage, model, images, targets, ctx)
+        terms["heavy"] = 1e3 * sum(p.square().sum() for p in model.parameters() if p.requires_grad)
+        return terms
+
+
+def test_loss_weights_scale_terms_and_still_log_them(tiny_data, caplog):
+    plain, _ = run_stage(job(tiny_data, epochs=1), device=torch.device("cpu"))
+    off, _ = run_stage(job(tiny_data, HeavyTermMethod(), epochs=1, loss_weights={"heavy": 0.0}),
+                       device=torch.device("cpu"))
+    on, _ = run_stage(job(tiny_data, HeavyTermMethod(), epochs=1), device=torch.device("cpu"))
+    assert off.history[0]["train/heavy"] > 0                      # logged as computed
+    assert off.history[0]["train/loss_classifier"] == plain.history[0]["train/loss_classifier"]
+    assert off.last_eval == plain.last_eval                        # weight 0: exactly the plain run
+    assert on.history[0]["train/loss_classifier"] != plain.history[0]["train/loss_classifier"]
+    with caplog.at_level("WARNING"):
+        run_stage(job(tiny_data, epochs=1, loss_weights={"clasifier": 0.0}), device=torch.device("cpu"), max_steps=1)
+    assert "clasifier not a loss term of stage 'train'" in caplog.text and "loss_classifier" in caplog.text
