@@ -34,14 +34,14 @@ def smoke_cells():
     return {c.method: c for c in checked.cells if c.dataset.name == "shapes"}
 
 
-def _clean_ap50(cell) -> float:
+def _clean_ap50(cell, folder: Path) -> float:
     from harness.distributed import stage_job
     from harness.engine import run_stage
     artifacts: dict[str, str] = {}
     state = None
     for stage in cell.stages:
         state, model = run_stage(stage_job(cell, stage, artifacts), device=torch.device("cpu"))
-        path = Path(f"/tmp/detbench-signal-{cell.method}-{stage}.pt")
+        path = folder / f"{cell.method}-{stage}.pt"
         torch.save(cell.plugin.detector_of(model).state_dict(), path)
         artifacts[stage] = str(path)
     return float(state.last_eval["AP50"])
@@ -52,12 +52,14 @@ def test_every_method_has_a_main_term():
 
 
 @pytest.mark.parametrize("method", sorted(MAIN_TERM))
-def test_smoke_cell_learns_and_its_broken_variant_does_not(method, smoke_cells, one_thread):
+def test_smoke_cell_learns_and_its_broken_variant_does_not(method, smoke_cells, one_thread, tmp_path):
     from dataclasses import replace
     cell = smoke_cells[method]
-    good = _clean_ap50(cell)
+    (tmp_path / "good").mkdir()
+    (tmp_path / "broken").mkdir()
+    good = _clean_ap50(cell, tmp_path / "good")
     broken_schedule = cell.schedule.model_copy(update={"loss_weights": {MAIN_TERM[method]: 0.0}})
-    broken = _clean_ap50(replace(cell, schedule=broken_schedule))
+    broken = _clean_ap50(replace(cell, schedule=broken_schedule), tmp_path / "broken")
     print(f"{method}: AP50 {good:.3f}, broken {broken:.3f}")
     assert good >= 0.30, f"{method} smoke AP50 {good:.3f} < 0.30"
     assert good - broken >= 0.10, f"{method}: broken variant {broken:.3f} vs {good:.3f}"
