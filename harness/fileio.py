@@ -46,6 +46,18 @@ def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
     return path
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform/filesystem
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(data, path: str | Path, **kw) -> Path:
     return atomic_write(path, json.dumps(data, **kw))
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.errors import DataError
-from harness.fileio import atomic_write, atomic_write_json
+from harness.fileio import atomic_write, atomic_write_json, fsync_dir
 from harness.results.schema import COLUMNS, SCHEMA, ResultRow, validate_frame
 
 
@@ -31,17 +30,6 @@ def _to_pandas(table: pa.Table):
     # Nullable ints stay ints in pandas (epoch would otherwise become float).
     mapper = {pa.int64(): pd.Int64Dtype()}
     return table.to_pandas(types_mapper=mapper.get)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform/filesystem
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResultStore:
@@ -79,7 +67,7 @@ class ResultStore:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         atomic_write(path, buf.getvalue().to_pybytes())
-        _fsync_dir(self.rows_dir)
+        fsync_dir(self.rows_dir)
         done = {(r.cell, r.config_hash) for r in rows if r.epoch is None and r.status == "ok"}
         for cell, cfg_hash in done:  # after the rows: an entry always names a committed file
             atomic_write_json({"trial_id": trial_id, "cell": cell, "config_hash": cfg_hash},
