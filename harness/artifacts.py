@@ -3,18 +3,26 @@
 A stage output is keyed by a hash of everything that determines it (method,
 stage, the config fields that stage reads, dataset files, detector, schedule,
 seed), so a sweep over a later stage's parameters trains the earlier stage
-once and every trial reuses it.
+once and every trial reuses it. The store lives in the run's storage
+(:mod:`harness.storage`: a local folder or an object-store prefix), one
+folder per key: the files, then ``MANIFEST.json``.
 
-Guarantees:
-* a half-written artifact is never read: files are assembled in a temporary
-  folder beside the store, checksummed into ``MANIFEST.json``, then renamed
-  into place in one step;
-* a damaged artifact (truncated or altered file) is detected by its checksum
-  on every read, moved aside, and produced again;
-* two trials needing the same missing artifact produce it once: producers
-  take an exclusive file lock per key (:func:`harness.fileio.file_lock`,
-  ``fcntl.flock``; works on local disks and on NFS v4 shared by several
-  nodes), and the second one finds it made.
+Guarantees, on both kinds of storage:
+
+* a half-written artifact is never read: each file is published whole, and the
+  manifest (names, sizes, sha256) is written last -- it is the commit marker;
+  a key without one does not exist;
+* a damaged artifact (truncated, altered or missing file) is detected by its
+  checksum on every read, its manifest is moved to ``.corrupt/``, and it is
+  produced again;
+* two trials needing the same missing artifact produce it once: producers hold
+  the claim ``.claims/<key>`` (:meth:`harness.storage.Storage.exclusive`: a POSIX
+  ``flock``, or on an object store a conditional-write lease a dead holder loses),
+  and the second one finds it made.
+
+On an object store the files are read through a local cache (``DETBENCH_CACHE``,
+per node); a cached file is used only while its sha256 and the remote object's
+ETag are both unchanged, so a replaced or damaged object is always seen.
 """
 from __future__ import annotations
 
@@ -25,14 +33,15 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from harness.fileio import file_lock, sha256_file
+from harness.fileio import atomic_write, sha256_file
+from harness.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
+CORRUPT, CLAIMS = ".corrupt", ".claims"
 
 
 def artifact_key(spec: dict) -> str:
@@ -40,65 +49,92 @@ def artifact_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-class ArtifactStore:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+def local_cache_root() -> Path:
+    """Where a node keeps its copies of remote artifacts (its local disk, as the data cache)."""
+    return Path(os.environ.get("DETBENCH_CACHE") or Path.home() / ".cache" / "detbench") / "artifacts"
 
-    def path(self, key: str) -> Path:
-        return self.root / key
+
+class ArtifactStore:
+    def __init__(self, root: str | Path | Storage, *, lease_s: float | None = None):
+        self.storage = open_storage(root)
+        self.lease_s = lease_s
+        local = self.storage.local_path()
+        self.cache = local if local is not None else (
+            local_cache_root() / hashlib.sha256(self.storage.uri.encode()).hexdigest()[:16])
+
+    def folder(self, key: str) -> Path:
+        """The local folder an artifact's files are read from (the store itself on POSIX)."""
+        return self.cache / key
+
+    def _manifest(self, key: str) -> dict | None:
+        try:
+            return self.storage.read_json(f"{key}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"files": {MANIFEST: "unreadable"}}
+
+    def _fetch(self, key: str, name: str, digest: str) -> Path | None:
+        """A verified local copy of one file of a remote artifact, or None if it is damaged."""
+        local = self.folder(key) / name
+        stamp = local.with_name(f".{name}.etag")
+        found = self.storage.stat(f"{key}/{name}")
+        if found is None:
+            return None
+        if not (local.is_file() and stamp.is_file() and stamp.read_text() == found[0]
+                and sha256_file(local) == digest):
+            self.storage.download(f"{key}/{name}", local)
+            atomic_write(stamp, found[0], fsync=False)
+        return local if sha256_file(local) == digest else None
 
     def get(self, key: str) -> Path | None:
-        """The artifact's folder if it exists and every checksum matches, else None."""
-        folder = self.path(key)
-        manifest = folder / MANIFEST
-        if not manifest.is_file():
+        """The artifact's local folder if it exists and every checksum matches, else None."""
+        manifest = self._manifest(key)
+        if manifest is None:
             return None
-        try:
-            meta = json.loads(manifest.read_text())
-            bad = [name for name, digest in meta["files"].items()
-                   if not (folder / name).is_file() or sha256_file(folder / name) != digest]
-        except (OSError, ValueError, KeyError) as exc:
-            bad = [f"{MANIFEST} ({exc})"]
-        if bad:
-            aside = self.root / f".corrupt-{key}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
-            log.warning("artifact %s failed its checksum (%s); moved to %s and will be produced again",
-                        key, ", ".join(bad), aside.name)
-            os.replace(folder, aside)
+        bad = []
+        for name, digest in manifest.get("files", {}).items():
+            if self.storage.is_local:
+                ok = (self.folder(key) / name).is_file() and sha256_file(self.folder(key) / name) == digest
+            else:
+                ok = self._fetch(key, name, digest) is not None
+            if not ok:
+                bad.append(name)
+        if bad or "files" not in manifest:
+            aside = f"{CORRUPT}/{key}-{int(time.time())}-{uuid.uuid4().hex[:6]}.json"
+            log.warning("artifact %s failed its checksum (%s); manifest moved to %s, it will be produced again",
+                        key, ", ".join(bad) or MANIFEST, aside)
+            self.storage.move(f"{key}/{MANIFEST}", aside)
             return None
-        return folder
+        return self.folder(key)
 
     def meta(self, key: str) -> dict:
-        return json.loads((self.path(key) / MANIFEST).read_text())["meta"]
+        return self.storage.read_json(f"{key}/{MANIFEST}")["meta"]
 
     def put(self, key: str, files: dict[str, Path], meta: dict) -> Path:
-        """Install copies of ``files`` (name -> source path) atomically under ``key``."""
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            digests = {}
-            for name, src in files.items():
-                shutil.copyfile(src, tmp / name)
-                digests[name] = sha256_file(tmp / name)
-            (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": digests, "meta": meta,
-                                                    "created": time.time()}, default=str))
-            folder = self.path(key)
-            if folder.exists():  # a previous, now invalid copy (get() moves corrupt ones aside)
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return self.path(key)
-
-    @contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        with file_lock(self.root / f".{key}.lock"):
-            yield
+        """Publish copies of ``files`` (name -> local path) under ``key``; the manifest last."""
+        digests, sizes = {}, {}
+        for name, src in files.items():
+            digests[name], sizes[name] = sha256_file(src), Path(src).stat().st_size
+            self.storage.upload(f"{key}/{name}", Path(src))
+            if not self.storage.is_local:  # the producer's node keeps its copy: no download back
+                local = self.folder(key) / name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, local)
+                atomic_write(local.with_name(f".{name}.etag"), self.storage.stat(f"{key}/{name}")[0], fsync=False)
+        self.storage.write_json(f"{key}/{MANIFEST}", {"key": key, "files": digests, "sizes": sizes,
+                                                      "meta": meta, "created": time.time()}, default=str)
+        found = self.get(key)
+        if found is None:
+            raise OSError(f"artifact {key}: published files do not match their checksums")
+        return found
 
     def produce(self, key: str, make: Callable[[], tuple[dict[str, Path], dict]]) -> tuple[Path, bool]:
-        """Return ``(folder, reused)``; ``make()`` runs only when no valid artifact exists."""
-        with self.lock(key):
+        """Return ``(local folder, reused)``; ``make()`` runs only when no valid artifact exists."""
+        found = self.get(key)
+        if found is not None:  # the common case needs no claim
+            return found, True
+        with self.storage.exclusive(f"{CLAIMS}/{key}", lease_s=self.lease_s):
             found = self.get(key)
             if found is not None:
                 return found, True
@@ -107,23 +143,26 @@ class ArtifactStore:
 
     def list(self) -> list[dict]:
         out = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                m = json.loads((folder / MANIFEST).read_text())
-            except (OSError, ValueError):
+        for key in self.storage.list_dirs(""):
+            if key.startswith("."):
                 continue
-            size = sum(f.stat().st_size for f in folder.iterdir())
-            out.append({"key": folder.name, "size_mb": size / 2**20, "created": m.get("created"),
+            m = self._manifest(key)
+            if not m or "meta" not in m:
+                continue
+            size = sum(m.get("sizes", {}).values()) if "sizes" in m else sum(
+                self.storage.size(f"{key}/{n}") for n in m.get("files", {}))
+            out.append({"key": key, "size_mb": size / 2**20, "created": m.get("created"),
                         **{k: v for k, v in m.get("meta", {}).items() if isinstance(v, (str, int, float))}})
         return out
 
     def gc(self, keep: set[str] | None = None) -> list[str]:
-        """Remove temporary, corrupt and (if ``keep`` is given) unreferenced entries."""
-        removed = []
-        for p in self.root.iterdir():
-            stale = p.name.startswith((".tmp-", ".corrupt-"))
-            unref = keep is not None and p.is_dir() and not p.name.startswith(".") and p.name not in keep
-            if stale or unref:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p.name)
+        """Remove corrupt manifests, uncommitted keys and (if ``keep`` is given) unreferenced ones."""
+        removed = [f"{CORRUPT}/{n}" for n in self.storage.list(CORRUPT)]
+        self.storage.delete_tree(CORRUPT)
+        for key in self.storage.list_dirs(""):
+            if key.startswith("."):
+                continue
+            if self._manifest(key) is None or (keep is not None and key not in keep):
+                self.storage.delete_tree(key)
+                removed.append(key)
         return removed

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from harness.errors import DetbenchError
 
@@ -59,9 +58,8 @@ def cmd_cluster_info(args) -> int:
 def cmd_leaderboard(args) -> int:
     from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.results import ResultStore
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "rows").is_dir():
-        raise DetbenchError("not a run directory (no rows/ folder)", file=run_dir)
+    from harness.runner import open_run
+    run_dir = open_run(args.run_dir)
     path = write_leaderboard(run_dir, args.format)
     print(format_for_terminal(ResultStore(run_dir).read(), baselines=run_baselines(run_dir)))
     print(f"\nleaderboard: {path}")
@@ -96,10 +94,12 @@ def cmd_data_convert(args) -> int:
 
 def cmd_artifacts(args) -> int:
     from harness.artifacts import ArtifactStore
-    root = Path(args.run_dir) / "artifacts"
-    if not root.is_dir():
-        raise DetbenchError("no artifacts folder in this run directory", file=args.run_dir)
-    store = ArtifactStore(root)
+    from harness.runner import load_run, open_run
+    storage = open_run(args.run_dir)
+    run, _ = load_run(storage)
+    store = ArtifactStore(run.artifacts_dir or storage.child("artifacts"))
+    if not store.storage.list_dirs(""):
+        raise DetbenchError("no artifacts in this run directory", file=store.storage.display())
     if args.action == "gc":
         removed = store.gc()
         print(f"removed {len(removed)} temporary/corrupt entr{'y' if len(removed) == 1 else 'ies'}")
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("suite", help="suite YAML file, e.g. suites/smoke.yaml")
     r.add_argument("--address", default=None,
                    help="existing Ray cluster ('auto', 'ray://host:10001'); default: RAY_ADDRESS or local")
-    r.add_argument("--out", default="results/runs", help="parent folder of run directories")
+    r.add_argument("--out", default=None, help="where run directories go: a folder or s3://BUCKET/PREFIX "
+                   "(default: the suite's storage.uri, else results/runs)")
     r.add_argument("--name", default=None, help="run directory name (default: suite-timestamp); "
                    "an existing run of that name is resumed")
     r.add_argument("--quiet", action="store_true", help="no progress display")
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "torchvision:<Weights>.<member> from torchvision's cache")
     e.add_argument("--method", default=None, help="the suite method (label) whose detector the checkpoint is")
     e.add_argument("--address", default=None, help="Ray cluster (as for run)")
-    e.add_argument("--out", default="results/runs", help="parent folder of run directories")
+    e.add_argument("--out", default=None, help="a folder or s3://BUCKET/PREFIX (as for run)")
     e.add_argument("--name", default=None, help="run directory name (default: eval-suite-timestamp)")
     e.add_argument("--quiet", action="store_true", help="no progress display")
     e.set_defaults(func=cmd_eval)

@@ -278,6 +278,21 @@ class ResourcesSpec(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+class StorageSpec(Strict):
+    """Where run directories go when ``--out`` is not given: a folder or ``s3://BUCKET/PREFIX``.
+
+    ``endpoint_url`` / ``region`` select an S3-compatible server (MinIO, Ceph); they default
+    to ``DETBENCH_STORAGE_ENDPOINT_URL`` / ``DETBENCH_STORAGE_REGION``. There is no
+    credentials field on purpose: they come from the environment's standard chain only.
+    """
+    uri: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def options(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
+
 class Suite(Strict):
     name: str
     smoke: bool = False
@@ -290,6 +305,7 @@ class Suite(Strict):
     condition_seed: int = 0  # enters every corrupted image's seed
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     data_cache: str | None = None  # where generated data lives; default ~/.cache/detbench
+    storage: StorageSpec = Field(default_factory=StorageSpec)  # where run directories go (harness.storage)
 
     @field_validator("datasets")
     @classmethod

@@ -13,18 +13,18 @@ finds its own checkpoints.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
-from harness.fileio import atomic_write, atomic_write_json
 from harness.records import Cell, RunInfo, StageOutput
 from harness.results import ResultStore, config_hash, report_of_rows, rows_for_trial
 
@@ -150,8 +150,8 @@ def _stop_requested() -> bool:
 
 
 def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: dict[str, str], *,
-              last: bool) -> tuple[StageOutput, dict[str, Path]]:
-    """One stage of a trial as one Ray Train run (named ``<trial id>-<stage>``); its output and files.
+              last: bool) -> tuple[StageOutput, object]:
+    """One stage of a trial as one Ray Train run (named ``<trial id>-<stage>``); its output and checkpoint.
 
     Only the last stage reports to Tune (``TuneReportCallback``: rank 0's metrics, with
     an explicit ``epoch`` for ASHA). Raises :class:`StageFailed` when it did not succeed.
@@ -162,6 +162,7 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
 
     res = run.resources
     use_gpu = res.gpus_per_worker > 0
+    train_fs, train_path = run.storage().arrow("train")  # a local folder or the run's bucket prefix
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -171,7 +172,7 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
         run_config=RunConfig(
-            name=f"{trial_id}-{stage}", storage_path=os.path.join(run.run_dir, "train"),
+            name=f"{trial_id}-{stage}", storage_path=train_path, storage_filesystem=train_fs,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()] if last else []))
@@ -181,7 +182,18 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
     if not out.ok:
         raise StageFailed(out)
     out.final["cost/stage_s"] = time.time() - started  # the whole Train run: start-up, training, teardown
-    return out, {"detector.pt": Path(result.checkpoint.path) / "detector.pt"}
+    return out, result.checkpoint
+
+
+@contextmanager
+def local_checkpoint(checkpoint) -> Iterator[Path]:
+    """A Train checkpoint as a local folder: in place on a local file system, else downloaded."""
+    import pyarrow.fs
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="detbench-ckpt-") as d:
+        yield Path(checkpoint.to_directory(d))
 
 
 def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput] | None:
@@ -190,7 +202,7 @@ def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput
     Returns each stage's output up to the first that failed, or None when Tune is
     stopping the trial (its Train run died with it: the driver records it as stopped).
     """
-    store = ArtifactStore(run.artifacts_dir or os.path.join(run.run_dir, "artifacts"))
+    store = ArtifactStore(run.artifact_storage())
     outputs: dict[str, StageOutput] = {}
     artifacts: dict[str, str] = {}
     for i, stage in enumerate(cell.stages):
@@ -200,11 +212,14 @@ def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput
                 break
 
             def make(stage=stage):  # earlier stages: produced once, reused by every trial
-                out, files = fit_stage(cell, stage, run, trial_id, artifacts, last=False)
-                return files, {"output": out.to_dict(), "method": cell.method, "stage": stage,
-                               "dataset": cell.dataset.name, "seed": cell.seed}
+                out, checkpoint = fit_stage(cell, stage, run, trial_id, artifacts, last=False)
+                folder = exits.enter_context(local_checkpoint(checkpoint))
+                return {"detector.pt": folder / "detector.pt"}, {
+                    "output": out.to_dict(), "method": cell.method, "stage": stage,
+                    "dataset": cell.dataset.name, "seed": cell.seed}
             key = stage_artifact_key(cell, stage)
-            folder, reused = store.produce(key, make)
+            with ExitStack() as exits:
+                folder, reused = store.produce(key, make)
             out = StageOutput.from_dict(store.meta(key)["output"])
             outputs[stage] = replace(out, reused=reused, artifact=key)
             artifacts[stage] = str(folder / "detector.pt")
@@ -223,10 +238,10 @@ def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput
 def finish_trial(cell: Cell, run: RunInfo, trial_id: str, outputs: dict[str, StageOutput],
                  wall_s: float) -> dict:
     """Write the trial's rows at once (and a failure's traceback); return its last report to Tune."""
-    ResultStore(run.run_dir).write_trial(trial_id, rows_for_trial(run, cell, trial_id, outputs, wall_s=wall_s))
+    ResultStore(run.storage()).write_trial(trial_id, rows_for_trial(run, cell, trial_id, outputs, wall_s=wall_s))
     tb = next((o.traceback for o in outputs.values() if o.traceback), "")
     if tb:
-        atomic_write(Path(run.run_dir) / "failures" / f"{trial_id}.txt", tb)
+        run.storage().write_text(f"failures/{trial_id}.txt", tb)
     final = outputs.get(cell.stages[-1]) or next(iter(outputs.values()))
     report = {**(final.history[-1] if final.history else {}), **final.final, "epoch": len(final.history),
               "status": final.status}
@@ -247,12 +262,13 @@ def run_trial(config: dict) -> None:
 
     run, cell = RunInfo.from_dict(config["run"]), trial_cell(config)
     trial_id = ray.tune.get_context().get_trial_id()
-    done = ResultStore(run.run_dir).finished(trial_id, cell.cell_id, config_hash(cell))
+    storage = run.storage()
+    done = ResultStore(storage).finished(trial_id, cell.cell_id, config_hash(cell))
     if done is not None:
         ray.tune.report(report_of_rows(done, cell))
         return
-    atomic_write_json({"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": _node_id()},
-                      Path(run.run_dir) / "trials" / f"{trial_id}.json")
+    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": _node_id()}
+    storage.create(f"trials/{trial_id}.json", json.dumps(marker).encode())  # the first start is kept
     t0 = time.time()
     outputs = run_stages(cell, run, trial_id)
     if outputs is not None:

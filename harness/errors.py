@@ -38,3 +38,13 @@ class ConfigError(DetbenchError):
 
 class DataError(DetbenchError):
     """Invalid dataset files: annotations, images, data roots."""
+
+
+class StorageError(DetbenchError):
+    """A run directory's storage that cannot be used: unreachable, missing, refused, not a run.
+
+    The message names the URI (never a credential) and the cause.
+    """
+
+    def __init__(self, message: str, *, uri: str):
+        super().__init__(message, file=uri)

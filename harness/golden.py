@@ -69,16 +69,10 @@ class CellCheck:
         return f"{self.label} ({self.stage}) / {self.dataset} / {cond} / seed {self.seed} / {self.metric}"
 
 
-def _check_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file() and not (run_dir / "rows").is_dir():
-        raise DetbenchError("not a detbench run directory (no run.json, no rows/)", file=run_dir)
-    return run_dir
-
-
 def run_values(run_dir: str | Path, metrics=DEFAULT_METRICS) -> pd.DataFrame:
     """The run's final metrics in the golden file's columns, one row per key."""
-    df = ResultStore(_check_run_dir(run_dir)).read()
+    from harness.runner import open_run
+    df = ResultStore(open_run(run_dir)).read()
     final = df[df["epoch"].isna() & (df["status"] == "ok") & df["metric"].isin(list(metrics))]
     out = pd.DataFrame({"label": [row_label(m, v) for m, v in zip(final["method"], final["variant"])],
                         "stage": final["stage"].to_numpy(), "dataset": final["dataset"].to_numpy(),
@@ -128,7 +122,8 @@ def read_golden(path: str | Path) -> list[dict]:
 
 def check_run(run_dir: str | Path, against: str | Path) -> list[CellCheck]:
     """Every reference row with the run's value beside it (None where the run lacks it)."""
-    _check_run_dir(run_dir)
+    from harness.runner import open_run
+    open_run(run_dir)
     reference = read_golden(against)
     values = run_values(run_dir, sorted({r["metric"] for r in reference}))
     found = {tuple(r[k] for k in KEY): r["value"] for r in values.to_dict("records")}

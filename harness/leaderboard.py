@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import row_label
-from harness.fileio import atomic_write
+from harness.storage import Storage, open_storage
 from harness.results import ResultStore
 
 SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to published numbers"
@@ -266,21 +266,22 @@ def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),
     return prefix + flat.to_string()
 
 
-def run_baselines(run_dir: str | Path) -> dict[str, str]:
+def run_baselines(run_dir: str | Path | Storage) -> dict[str, str]:
     """``label -> baseline label`` recorded in the run's manifest (from the suite's ``baseline:``)."""
-    manifest = Path(run_dir) / "manifest.json"
-    if not manifest.is_file():
+    try:
+        return open_storage(run_dir).read_json("manifest.json").get("baselines", {})
+    except FileNotFoundError:
         return {}
-    import json
-    return json.loads(manifest.read_text()).get("baselines", {})
 
 
-def write_leaderboard(run_dir: str | Path, fmt: str = "md", *, metrics=("AP", "AP50"),
-                      title: str | None = None) -> Path:
-    """Render the run's leaderboard to ``run_dir/leaderboard.<fmt>`` atomically."""
-    run_dir = Path(run_dir)
-    df = ResultStore(run_dir).read()
+def write_leaderboard(run_dir: str | Path | Storage, fmt: str = "md", *, metrics=("AP", "AP50"),
+                      title: str | None = None) -> str:
+    """Render the run's leaderboard to ``leaderboard.<fmt>`` of the run directory, published whole;
+    returns where it is (a path or a URI)."""
+    storage = open_storage(run_dir)
+    df = ResultStore(storage).read()
     text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics,
-                              baselines=run_baselines(run_dir))
-    path = atomic_write(run_dir / f"leaderboard.{FORMATS[fmt]}", text)
-    return path
+                              baselines=run_baselines(storage))
+    rel = f"leaderboard.{FORMATS[fmt]}"
+    storage.write_text(rel, text)
+    return storage.display(rel)

@@ -35,13 +35,28 @@ class RunInfo:
     versions_json: str
     git_sha: str
     artifacts_dir: str | None = None   # stage outputs shared with other runs (default run_dir/artifacts)
+    #: ``endpoint_url`` / ``region`` of an object-store run directory (no credentials, ever).
+    storage_options: dict | None = None
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["resources"] = self.resources.model_dump()
-        if d["artifacts_dir"] is None:
-            del d["artifacts_dir"]
+        for optional in ("artifacts_dir", "storage_options"):
+            if d[optional] is None:
+                del d[optional]
         return d
+
+    def storage(self, rel: str = ""):
+        """The run directory's :class:`harness.storage.Storage` (or that of ``rel`` under it)."""
+        from harness.storage import open_storage
+        root = open_storage(self.run_dir, **(self.storage_options or {}))
+        return root.child(rel) if rel else root
+
+    def artifact_storage(self):
+        from harness.storage import open_storage
+        if self.artifacts_dir:
+            return open_storage(self.artifacts_dir, **(self.storage_options or {}))
+        return self.storage("artifacts")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunInfo":

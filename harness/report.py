@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from harness.config import row_label
 from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
+from harness.storage import Storage, open_storage
 
 
 def declared_curves(methods) -> dict[str, tuple[str, set[str]]]:
@@ -81,13 +83,22 @@ def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(run_dir: Path, df: pd.DataFrame) -> list[Path]:
-    """Write robustness.md and the plots; return the written paths."""
+def write_report(run_dir: str | Path | Storage, df: pd.DataFrame) -> list[str]:
+    """Write robustness.md and the plots into the run directory; return where they are.
+
+    Plots are drawn into a local folder (the run's own on POSIX, a temporary one
+    otherwise) and each file is then published whole to the run's storage.
+    """
+    storage = open_storage(run_dir)
     written = []
     table = robustness_table(df)
     if table:
-        (run_dir / "robustness.md").write_text(table)
-        written.append(run_dir / "robustness.md")
-        written += plot_ap_vs_severity(df, run_dir / "plots")
-    written += plot_curves(df, run_dir / "plots")
+        storage.write_text("robustness.md", table)
+        written.append(storage.display("robustness.md"))
+    with tempfile.TemporaryDirectory(prefix="detbench-plots-") as tmp:
+        plots = storage.local_path("plots") or Path(tmp)
+        files = (plot_ap_vs_severity(df, plots) if table else []) + plot_curves(df, plots)
+        for f in files:
+            storage.upload(f"plots/{Path(f).name}", Path(f))
+            written.append(storage.display(f"plots/{Path(f).name}"))
     return written

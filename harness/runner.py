@@ -23,18 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from harness.config import ResourcesSpec, Suite, data_cache_dir, load_suite, method_label
 from harness.errors import ConfigError, DetbenchError
-from harness.fileio import atomic_write_json
+from harness.storage import Storage, open_storage
 from harness.data.loader import PreparedCondition, PreparedDataset, prepare_conditions, prepare_dataset
 from harness.plan import plan_cells
 from harness.records import Cell, RunInfo
@@ -89,11 +88,26 @@ def git_sha() -> str:
         return ""
 
 
-def _driver_log(run_dir: Path) -> None:
-    """Ray's and our own library logging go to a file, not the user's terminal."""
+DRIVER_LOG = "logs/driver.log"
+
+
+def _driver_log(storage: Storage) -> Path:
+    """Ray's and our own library logging go to a file, not the user's terminal; returns it.
+
+    On a POSIX run directory it is ``logs/driver.log``; on an object store a file in the
+    local cache, published to ``logs/driver.log`` when the sweep ends (:func:`_publish_log`).
+    """
+    from harness.artifacts import local_cache_root
     from harness.sweep import RAY_MESSAGES
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs" / "driver.log")
+    path = storage.local_path(DRIVER_LOG) or (
+        local_cache_root().parent / "logs" / f"{storage.uri.replace('://', '_').replace('/', '_')}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.local_path() is None:
+        try:
+            storage.download(DRIVER_LOG, path)  # a resumed run appends to the stored log
+        except FileNotFoundError:
+            pass
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for record in RAY_MESSAGES.buffer:  # what Ray said while it started, before this file existed
         handler.handle(record)
@@ -103,26 +117,58 @@ def _driver_log(run_dir: Path) -> None:
         lg = logging.getLogger(name)
         lg.addHandler(handler)
         lg.propagate = False
+    return path
+
+
+def _publish_log(storage: Storage, path: Path) -> None:
+    if storage.local_path(DRIVER_LOG) is None and path.is_file():
+        for lg in ("ray", "harness", "methods"):
+            for h in logging.getLogger(lg).handlers:
+                h.flush()
+        storage.upload(DRIVER_LOG, path)
+
+
+def out_storage(out_dir: str | Path | None, suite: Suite | None = None) -> Storage:
+    """Where new run directories go: ``--out``, else the suite's ``storage.uri``, else ``results/runs``;
+    checked (reachable, bucket present, credentials accepted) before anything else happens."""
+    spec = suite.storage if suite is not None else None
+    where = out_dir or (spec.uri if spec else None) or "results/runs"
+    storage = open_storage(where, **(spec.options() if spec else {}))
+    storage.check()
+    return storage
+
+
+def open_run(run_dir: str | Path | Storage) -> Storage:
+    """The storage of an existing run directory, or a clear error (:class:`DetbenchError`)."""
+    storage = open_storage(run_dir)
+    if not storage.is_local:  # an unreachable endpoint or missing bucket is named as such
+        storage.check()
+    if not storage.exists(RUN_FILE) and not storage.list("rows"):
+        hint = "" if storage.is_local else " (the prefix holds something else, or nothing)"
+        raise DetbenchError(f"not a detbench run directory (no run.json){hint}", file=storage.display())
+    return storage
 
 
 RUN_FILE = "run.json"
 DRIVER_FILE = "driver.json"
 
 
-def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path = "results/runs",
+def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path | None = None,
               name: str | None = None, progress: bool = True, retry_failed: bool = False,
               checkpoint: str | None = None, method: str | None = None) -> Path:
     """Run a suite end to end and return the path of its Markdown leaderboard.
 
-    With ``name`` of an existing run directory under ``out_dir``, that run is resumed.
+    ``out_dir``: a folder or ``s3://BUCKET/PREFIX`` (default: the suite's ``storage.uri``, else
+    ``results/runs``). With ``name`` of an existing run directory under it, that run is resumed.
     With ``checkpoint`` (``detbench eval``), nothing is trained: the checkpoint is evaluated as
     method ``method``'s detector on every dataset and condition (:mod:`harness.checkpoint_eval`).
     """
     from harness.sweep import cluster_nodes, init_ray
 
-    if name and (Path(out_dir) / name / RUN_FILE).is_file():
-        print(f"detbench: {Path(out_dir) / name} exists: resuming it")
-        return resume_run(Path(out_dir) / name, address=address, progress=progress, retry_failed=retry_failed)
+    out = out_storage(out_dir, load_suite(suite_path, check_paths=False))
+    if name and out.child(name).exists(RUN_FILE):
+        print(f"detbench: {out.child(name).display()} exists: resuming it")
+        return resume_run(out.child(name), address=address, progress=progress, retry_failed=retry_failed)
     checked = prepare_suite(suite_path, progress=progress)
     suite, cells = checked.suite, checked.cells
     if checkpoint:
@@ -135,14 +181,10 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = (Path(out_dir) / (name or f"{'eval-' if checkpoint else ''}{suite.name}-{stamp}")).resolve()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise DetbenchError("exists but is not a detbench run (no run.json); choose another --name",
-                            file=run_dir) from None
-    _driver_log(run_dir)
-    shutil.copyfile(checked.path, run_dir / "suite.yaml")
+    storage = out.child(name or f"{'eval-' if checkpoint else ''}{suite.name}-{stamp}")
+    new_run_dir(storage)
+    log_file = _driver_log(storage)
+    storage.upload("suite.yaml", checked.path)
     import ray
     versions = package_versions()
     manifest = {"suite": suite.model_dump(), "versions": versions, "lock": lock_status(versions),
@@ -152,16 +194,33 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
                 if ray._private.worker._global_node else None,
                 "seeds": suite.seeds, "cells": [c.cell_id for c in cells],
                 "baselines": {method_label(m): m.baseline for m in suite.methods if m.baseline},
-                "concurrency": concurrency, "started": stamp,
+                "concurrency": concurrency, "started": stamp, "storage": storage.describe(),
                 "checkpoint": {"path": cells[0].checkpoint, "sha256": cells[0].checkpoint_sha256}
                 if checkpoint else None}
-    atomic_write_json(manifest, run_dir / "manifest.json", indent=2, default=str)
-    run = RunInfo(run_dir=str(run_dir), run_id=run_dir.name, suite=suite.name, smoke=suite.smoke,
-                  resources=suite.resources, versions_json=json.dumps(versions), git_sha=manifest["git_sha"])
-    atomic_write_json({"run": run.to_dict(), "cells": [c.to_dict() for c in cells]}, run_dir / RUN_FILE)
+    storage.write_json("manifest.json", manifest, indent=2, default=str)
+    options = {k: v for k, v in storage.describe().items() if k != "uri"} or None
+    run = RunInfo(run_dir=storage.uri, run_id=storage.uri.rstrip("/").rsplit("/", 1)[-1], suite=suite.name,
+                  smoke=suite.smoke, resources=suite.resources, versions_json=json.dumps(versions),
+                  git_sha=manifest["git_sha"], storage_options=options)
+    storage.write_json(RUN_FILE, {"run": run.to_dict(), "cells": [c.to_dict() for c in cells]})
     print(f"detbench: {len(cells)} cell(s), {count_trials(cells)} trial(s), up to {concurrency} at once; "
-          f"run directory {run_dir}")
-    return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress)
+          f"run directory {storage.display()}")
+    return _sweep_and_report(storage, run, cells, concurrency, progress=progress, log_file=log_file)
+
+
+def new_run_dir(storage: Storage) -> None:
+    """Refuse a run directory that already holds anything (it would mix two runs' files)."""
+    local = storage.local_path()
+    if local is not None:
+        try:
+            local.mkdir(parents=True, exist_ok=False)
+            return
+        except FileExistsError:
+            pass
+    elif not storage.list("") and not storage.list_dirs(""):
+        return
+    raise DetbenchError("exists but is not a detbench run (no run.json); choose another --name",
+                        file=storage.display())
 
 
 @dataclass(frozen=True)
@@ -191,7 +250,7 @@ def prepare_suite(suite_path: str | Path, *, progress: bool = False) -> CheckedS
     return CheckedSuite(path, suite, prepared, conditions, plan_cells(suite, prepared, conditions))
 
 
-def fit_or_refuse(resources: ResourcesSpec, nodes: list[dict], source: Path) -> int:
+def fit_or_refuse(resources: ResourcesSpec, nodes: list[dict], source: str | Path) -> int:
     """How many trials fit at once; a request the cluster can never hold is refused naming ``source``."""
     from harness.sweep import check_fits
     try:
@@ -205,12 +264,13 @@ def count_trials(cells: list[Cell]) -> int:
     return sum(c.trials for c in cells)
 
 
-def load_run(run_dir: str | Path) -> tuple[RunInfo, list[Cell]]:
+def load_run(run_dir: str | Path | Storage) -> tuple[RunInfo, list[Cell]]:
     """``(run, cells)`` of a run directory, or a clear error."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise DetbenchError("not a detbench run directory (no run.json)", file=run_dir)
-    state = json.loads(path.read_text())
+    storage = open_storage(run_dir)
+    try:
+        state = storage.read_json(RUN_FILE)
+    except FileNotFoundError:
+        raise DetbenchError("not a detbench run directory (no run.json)", file=storage.display()) from None
     return RunInfo.from_dict(state["run"]), [Cell.from_dict(c) for c in state["cells"]]
 
 
@@ -219,17 +279,22 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     """Continue a run after its driver stopped; ``retry_failed`` reruns the failed cells too."""
     from harness.sweep import cluster_nodes, init_ray
 
-    run_dir = Path(run_dir).resolve()
-    run, cells = load_run(run_dir)
+    storage = open_run(run_dir)
+    run, cells = load_run(storage)
+    if run.run_dir != storage.uri:  # the run directory was moved or copied: it is where it is now
+        run = replace(run, run_dir=storage.uri)
+    storage = run.storage()
     init_ray(address)
-    concurrency = fit_or_refuse(run.resources, cluster_nodes(), run_dir / RUN_FILE)
-    _driver_log(run_dir)
-    retry = retire_failed(run_dir, cells) if retry_failed else []
-    print(f"detbench: resuming {run_dir}" + (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
-    return _sweep_and_report(run_dir, run, cells, concurrency, progress=progress, resume=True, retry=retry)
+    concurrency = fit_or_refuse(run.resources, cluster_nodes(), storage.display(RUN_FILE))
+    log_file = _driver_log(storage)
+    retry = retire_failed(storage, cells) if retry_failed else []
+    print(f"detbench: resuming {storage.display()}" +
+          (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
+    return _sweep_and_report(storage, run, cells, concurrency, progress=progress, resume=True, retry=retry,
+                             log_file=log_file)
 
 
-def retire_failed(run_dir: Path, cells: list[Cell]) -> list[Cell]:
+def retire_failed(run_dir: str | Path | Storage, cells: list[Cell]) -> list[Cell]:
     """Move the rows of failed plain-cell trials to ``rows-retired/``; return those cells.
 
     A failed trial of a hyperparameter search is one failed sample of the search, not a
@@ -250,16 +315,16 @@ def retire_failed(run_dir: Path, cells: list[Cell]) -> list[Cell]:
     return retry
 
 
-def _sweep_and_report(run_dir: Path, run: RunInfo, cells: list[Cell], concurrency: int, *, progress: bool,
-                      resume: bool = False, retry: list[Cell] = ()) -> Path:
+def _sweep_and_report(storage: Storage, run: RunInfo, cells: list[Cell], concurrency: int, *, progress: bool,
+                      resume: bool = False, retry: list[Cell] = (), log_file: Path | None = None) -> str:
     from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.progress import SweepProgress
     from harness.sweep import run_sweep
 
     driver = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.now(timezone.utc).isoformat(), "finished": None}
-    atomic_write_json(driver, run_dir / DRIVER_FILE)
-    store = ResultStore(run_dir)
+    storage.write_json(DRIVER_FILE, driver)
+    store = ResultStore(storage)
     bar = SweepProgress(count_trials(cells) + len(retry), enabled=progress)
     bar.bar.update(len(store.trial_ids()) if resume else 0)
     t0 = time.time()
@@ -267,15 +332,17 @@ def _sweep_and_report(run_dir: Path, run: RunInfo, cells: list[Cell], concurrenc
         grids = run_sweep(cells, run, concurrency=concurrency, callbacks=[bar], resume=resume, retry=retry)
     finally:
         bar.close()
+        if log_file is not None:
+            _publish_log(storage, log_file)
     record_unfinished(grids, run, store)
-    atomic_write_json({**driver, "finished": datetime.now(timezone.utc).isoformat()}, run_dir / DRIVER_FILE)
-    board = write_leaderboard(run_dir, "md")
-    write_leaderboard(run_dir, "csv")
+    storage.write_json(DRIVER_FILE, {**driver, "finished": datetime.now(timezone.utc).isoformat()})
+    board = write_leaderboard(storage, "md")
+    write_leaderboard(storage, "csv")
     df = store.read()
-    print(format_for_terminal(df, baselines=run_baselines(run_dir)))
+    print(format_for_terminal(df, baselines=run_baselines(storage)))
     from harness.report import robustness_table, write_report
     if robustness_table(df):
         print("\n" + robustness_table(df))
-    write_report(run_dir, df)
+    write_report(storage, df)
     print(f"\nwall time {time.time() - t0:.0f} s")
     return board

@@ -15,15 +15,16 @@ import socket
 from pathlib import Path
 
 from harness.results import ResultStore
+from harness.storage import Storage, open_storage
 
 
-def driver_state(run_dir: Path) -> str:
+def driver_state(run_dir: str | Path | Storage) -> str:
     """'running' (driver alive), 'finished', or 'stopped' (driver gone before the end)."""
     from harness.runner import DRIVER_FILE
-    path = run_dir / DRIVER_FILE
-    if not path.is_file():
+    try:
+        d = open_storage(run_dir).read_json(DRIVER_FILE)
+    except FileNotFoundError:
         return "stopped"
-    d = json.loads(path.read_text())
     if d.get("finished"):
         return "finished"
     if d.get("host") == socket.gethostname():
@@ -37,17 +38,18 @@ def driver_state(run_dir: Path) -> str:
 
 def run_status(run_dir: str | Path) -> dict:
     """``{"driver": ..., "cells": [{"cell", "state", "trials", "detail"}, ...], "counts": {...}}``."""
-    from harness.runner import load_run
+    from harness.runner import load_run, open_run
 
-    run_dir = Path(run_dir)
-    _, cells = load_run(run_dir)
-    driver = driver_state(run_dir)
-    df = ResultStore(run_dir).read()
+    storage = open_run(run_dir)
+    _, cells = load_run(storage)
+    driver = driver_state(storage)
+    df = ResultStore(storage).read()
     started: dict[str, set[str]] = {}
-    for marker in (run_dir / "trials").glob("*.json") if (run_dir / "trials").is_dir() else ():
+    names = [f"trials/{n}" for n in storage.list("trials") if n.endswith(".json")]
+    for data in storage.read_many(names):
         try:
-            m = json.loads(marker.read_text())
-        except (OSError, ValueError):
+            m = json.loads(data)
+        except (TypeError, ValueError):  # None: removed meanwhile
             continue
         started.setdefault(m["cell"], set()).add(m["trial_id"])
     out, counts = [], {}
@@ -78,7 +80,7 @@ def run_status(run_dir: str | Path) -> dict:
             counts[s] = counts.get(s, 0) + 1
         detail = "; ".join(r for s, r in per_trial.values() if s == "failed" and r)
         out.append({"cell": cid, "state": state, "trials": len(per_trial) + len(unfinished), "detail": detail})
-    return {"run_dir": str(run_dir), "driver": driver, "cells": out, "counts": counts}
+    return {"run_dir": storage.display(), "driver": driver, "cells": out, "counts": counts}
 
 
 def format_status(status: dict) -> str:

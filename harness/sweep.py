@@ -193,11 +193,14 @@ def trial_cell(config: dict) -> Cell:
     return Cell.from_dict(config["cell"]).with_sampled(sampled_params(config))
 
 
-def _tune_run_config(name: str, storage: str, run: RunInfo, callbacks):
+def _tune_run_config(name: str, run: RunInfo, callbacks):
     """A trial whose driver actor is lost with its node is restarted (its Train run then
-    resumes from the last checkpoint) as often as Train may restart a worker group."""
+    resumes from the last checkpoint) as often as Train may restart a worker group.
+    Tune's state goes to ``tune/`` of the run's storage (a folder or the bucket prefix)."""
     from ray import tune
-    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks),
+    fs, path = run.storage().arrow("tune")
+    return tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
+                          callbacks=list(callbacks),
                           failure_config=tune.FailureConfig(max_failures=run.resources.max_failures))
 
 
@@ -218,12 +221,13 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
     from harness.distributed import TRIAL_CPU, run_trial
 
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    storage = os.path.join(run.run_dir, "tune")
+    fs, storage = run.storage().arrow("tune")
 
     def fit(name: str, make_tuner, param_space: dict):
-        path = os.path.join(storage, name)
-        if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
+        path = f"{storage}/{name}"
+        if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space,
+                                       storage_filesystem=fs)
             internal = getattr(tuner, "_local_tuner", None)  # this driver's progress, not the pickled one
             if internal is not None:
                 internal.get_run_config().callbacks = list(callbacks)
@@ -236,7 +240,7 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
         return fit(name, lambda: tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
-            run_config=_tune_run_config(name, storage, run, callbacks)),
+            run_config=_tune_run_config(name, run, callbacks)),
             space)
 
     grids = []
@@ -244,24 +248,25 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
     if plain:
         grids.append(grid_tuner("cells", plain))
     for i, cell in enumerate(c for c in cells if c.search):
-        tuner, space = _search_tuner(trainable, cell, run, storage, i, concurrency, callbacks)
+        tuner, space = _search_tuner(trainable, cell, run, i, concurrency, callbacks)
         grids.append(fit(f"search{i}", lambda: tuner, space))
     if retry:
-        k = len(list(Path(storage).glob("retry*")))
+        k = sum(1 for d in run.storage().list_dirs("tune") if d.startswith("retry"))
         grids.append(grid_tuner(f"retry{k}", list(retry)))
     return grids
 
 
-def _search_tuner(trainable, cell: Cell, run: RunInfo, storage: str, i: int, concurrency: int, callbacks):
+def _search_tuner(trainable, cell: Cell, run: RunInfo, i: int, concurrency: int, callbacks):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     s = cell.search
-    journal = Path(run.run_dir) / "optuna" / f"search{i}.journal"
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    storage_backend = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    journal = JournalMirror(run.storage(), f"optuna/search{i}.journal")
+    storage_backend = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal.local)))
+    callbacks = [*callbacks, journal.callback()]
     searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=cell.seed,
                             storage=storage_backend, study_name=cell.cell_id)
     # max_t one past the last epoch: a trial that reaches its end finishes by itself (and
@@ -277,4 +282,45 @@ def _search_tuner(trainable, cell: Cell, run: RunInfo, storage: str, i: int, con
                                     mode=s.mode, num_samples=s.num_samples,
                                     max_concurrent_trials=concurrency,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=_tune_run_config(f"search{i}", storage, run, callbacks)), space
+        run_config=_tune_run_config(f"search{i}", run, callbacks)), space
+
+
+class JournalMirror:
+    """Optuna's journal of a search: a local file, and a copy in the run's storage.
+
+    Optuna's journal backend appends under a file lock, so it needs a local (or NFS) file.
+    On a POSIX run directory that file is ``optuna/search<i>.journal`` itself; on an object
+    store it lives in the node's cache, is fetched from the store when a resumed driver
+    starts, and is published (one whole PUT) after every finished trial and at the end.
+    """
+
+    def __init__(self, storage, rel: str):
+        from harness.artifacts import local_cache_root
+        import hashlib
+        self.storage, self.rel = storage, rel
+        here = storage.local_path(rel)
+        if here is None:
+            digest = hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
+            here = local_cache_root().parent / "optuna" / digest / Path(rel).name
+            try:
+                storage.download(rel, here)  # a resumed search continues the stored study
+            except FileNotFoundError:
+                here.unlink(missing_ok=True)
+        here.parent.mkdir(parents=True, exist_ok=True)
+        self.local = here
+
+    def publish(self) -> None:
+        if self.storage.local_path(self.rel) is None and self.local.exists():
+            self.storage.upload(self.rel, self.local)
+
+    def callback(self):
+        from ray.tune import Callback
+        mirror = self
+
+        class PublishJournal(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                mirror.publish()
+
+            def on_experiment_end(self, trials, **info):
+                mirror.publish()
+        return PublishJournal()

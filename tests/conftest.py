@@ -48,8 +48,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 API server for the whole session (moto, its own process); the process's
+    environment gets its test credentials and ``DETBENCH_STORAGE_ENDPOINT_URL``."""
+    from s3kit import TEST_ENV, moto_server
+    with moto_server() as url:
+        saved = {k: os.environ.get(k) for k in [*TEST_ENV, "DETBENCH_STORAGE_ENDPOINT_URL"]}
+        os.environ.update({**TEST_ENV, "DETBENCH_STORAGE_ENDPOINT_URL": url})
+        try:
+            yield url
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture
+def s3_uri(s3_endpoint) -> str:
+    """``s3://<new bucket>/runs`` on the session's S3 server."""
+    from s3kit import make_bucket
+    return f"s3://{make_bucket(s3_endpoint)}/runs"
+
+
 #: Modules that start Ray clusters or kill detbench drivers: the slow tier.
-SLOW_MODULES = {"test_e2e", "test_faults", "test_cluster", "test_recipe"}
+SLOW_MODULES = {"test_e2e", "test_faults", "test_cluster", "test_recipe", "test_s3_run"}
 
 
 def pytest_collection_modifyitems(items):

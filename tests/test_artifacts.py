@@ -1,16 +1,31 @@
-"""Stage artifacts: produced once, never read half-written or corrupted."""
+"""Stage artifacts: produced once, never read half-written or corrupted -- on a local folder and on S3."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from harness.artifacts import ArtifactStore, artifact_key
+from harness.storage import open_storage
 
 
-def _files(tmp_path, payload: bytes = b"weights"):
-    src = tmp_path / "src.pt"
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, monkeypatch):
+    """The artifact store's root: a local folder, or a prefix on the local S3 server."""
+    monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))  # a node's local copies of remote files
+    if request.param == "local":
+        return str(tmp_path / "a")
+    return request.getfixturevalue("s3_uri") + "/artifacts"
+
+
+def _files(tmp_path, payload: bytes = b"weights", name: str = "src.pt"):
+    src = tmp_path / name
     src.write_bytes(payload)
     return {"detector.pt": src}
 
@@ -21,8 +36,8 @@ def test_key_is_content_addressed():
     assert a != artifact_key({"stage": "ideal", "seed": 1, "config": {"r0": 4}})
 
 
-def test_produce_once_then_reuse(tmp_path):
-    store, calls = ArtifactStore(tmp_path / "a"), []
+def test_produce_once_then_reuse(tmp_path, root):
+    store, calls = ArtifactStore(root), []
 
     def make():
         calls.append(1)
@@ -36,33 +51,44 @@ def test_produce_once_then_reuse(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
-def test_corrupted_artifact_detected_and_reproduced(tmp_path, damage):
-    store = ArtifactStore(tmp_path / "a")
-    folder, _ = store.produce("k", lambda: (_files(tmp_path, b"x" * 1000), {}))
-    target = folder / "detector.pt"
+def test_corrupted_artifact_detected_and_reproduced(tmp_path, root, damage):
+    """The stored file is damaged behind the store's back (a local copy of it may still be good)."""
+    store = ArtifactStore(root)
+    store.produce("k", lambda: (_files(tmp_path, b"x" * 1000), {}))
+    storage = open_storage(root)
     if damage == "truncate":
-        target.write_bytes(b"x" * 10)
+        storage.write_bytes("k/detector.pt", b"x" * 10)
     elif damage == "flip":
-        target.write_bytes(b"y" + b"x" * 999)
+        storage.write_bytes("k/detector.pt", b"y" + b"x" * 999)
     else:
-        target.unlink()
+        storage.delete("k/detector.pt")
     assert store.get("k") is None
     calls = []
     folder, reused = store.produce("k", lambda: (calls.append(1) or _files(tmp_path, b"x" * 1000), {}))
     assert not reused and calls == [1] and (folder / "detector.pt").read_bytes() == b"x" * 1000
-    assert any(p.name.startswith(".corrupt-k") for p in store.root.iterdir())
-    assert store.gc() and not any(p.name.startswith(".corrupt") for p in store.root.iterdir())
+    assert storage.read_bytes("k/detector.pt") == b"x" * 1000
+    assert len(storage.list(".corrupt")) == 1
+    assert store.gc() and not storage.list(".corrupt") and store.get("k") is not None
 
 
-def test_half_written_artifact_is_invisible(tmp_path):
-    store = ArtifactStore(tmp_path / "a")
-    (store.root / ".tmp-k-123").mkdir()
-    (store.root / ".tmp-k-123" / "detector.pt").write_bytes(b"partial")
-    (store.root / "k").mkdir()  # a folder without a manifest: an interrupted install
+def test_damaged_local_copy_of_a_remote_artifact_is_fetched_again(tmp_path, s3_uri, monkeypatch):
+    monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(s3_uri + "/artifacts")
+    folder, _ = store.produce("k", lambda: (_files(tmp_path, b"z" * 500), {}))
+    (folder / "detector.pt").write_bytes(b"bad")
+    assert (store.get("k") / "detector.pt").read_bytes() == b"z" * 500
+
+
+def test_half_written_artifact_is_invisible(tmp_path, root):
+    """Files without their manifest (a producer killed mid-upload) are no artifact; gc removes them."""
+    store, storage = ArtifactStore(root), open_storage(root)
+    storage.write_bytes("k/detector.pt", b"partial")
     assert store.get("k") is None and store.list() == []
+    assert store.gc() == ["k"] and not storage.list("k")
 
 
-def _producer(root, out_dir, i):
+def _producer(root, out_dir, i, cache):
+    os.environ["DETBENCH_CACHE"] = cache
     store = ArtifactStore(root)
 
     def make():
@@ -74,13 +100,66 @@ def _producer(root, out_dir, i):
     store.produce("shared", make)
 
 
-def test_concurrent_producers_make_it_once(tmp_path):
+def test_concurrent_producers_make_it_once(tmp_path, root):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_producer, args=(tmp_path / "a", tmp_path, i)) for i in range(3)]
+    procs = [ctx.Process(target=_producer, args=(root, tmp_path, i, str(tmp_path / f"cache{i}")))
+             for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
+        p.join(60)
     assert all(p.exitcode == 0 for p in procs)
     assert len(list(tmp_path.glob("made-*"))) == 1
-    assert ArtifactStore(tmp_path / "a").get("shared") is not None
+    assert ArtifactStore(root).get("shared") is not None
+
+
+HOLD_AND_DIE = """
+import os, sys, time
+from harness.storage import open_storage
+lease = open_storage(sys.argv[1]).exclusive(".claims/k", lease_s=float(sys.argv[2]))
+lease.__enter__()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_claim_of_a_dead_holder_is_taken_over_after_its_lease(tmp_path, s3_uri, monkeypatch, caplog):
+    """A producer SIGKILLed while holding the claim: the next one waits out the lease, then takes it."""
+    monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
+    root, lease_s = s3_uri + "/artifacts", 3.0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_DIE, root, str(lease_s)], stdout=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    assert holder.stdout.readline().strip() == "held"
+    claim = json.loads(open_storage(root).read_bytes(".claims/k"))
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    t0 = time.time()
+    with caplog.at_level("WARNING", logger="harness.storage.lease"):
+        folder, reused = ArtifactStore(root, lease_s=lease_s).produce("k", lambda: (_files(tmp_path), {}))
+    waited = time.time() - t0
+    assert not reused and (folder / "detector.pt").read_bytes() == b"weights"
+    assert lease_s - 1.5 <= waited < lease_s + 10, waited  # Last-Modified has one-second resolution
+    assert any("took over from " + claim["owner"] in r.getMessage() for r in caplog.records)
+    assert not open_storage(root).exists(".claims/k")  # released after the put
+
+
+def test_live_holder_keeps_its_claim_past_the_lease(s3_uri):
+    """The heartbeat keeps a claim held for several leases; the waiter gets it only after release."""
+    storage = open_storage(s3_uri)
+    events = []
+    import threading
+
+    def hold():
+        with storage.exclusive("c", lease_s=1.0):
+            events.append("held")
+            time.sleep(3.5)
+            events.append("released")
+    t = threading.Thread(target=hold)
+    t.start()
+    while not events:
+        time.sleep(0.05)
+    with storage.exclusive("c", lease_s=1.0) as lease:
+        events.append("waiter")
+        assert lease.took_over_from is None
+    t.join()
+    assert events == ["held", "released", "waiter"]

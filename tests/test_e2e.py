@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ def micro_run(tmp_path_factory, tiny_data, ray_local):
     tmp = tmp_path_factory.mktemp("e2e")
     suite = tmp / "micro.yaml"
     suite.write_text(SUITE.format(**tiny_data))
-    board = run_suite(suite, out_dir=tmp / "runs", name="micro", progress=False)
+    board = Path(run_suite(suite, out_dir=tmp / "runs", name="micro", progress=False))
     return board.parent, board
 
 
@@ -120,7 +121,7 @@ def test_optuna_asha_sweep_stops_trials_without_leaking(tmp_path, tiny_data, ray
     """4 Optuna samples, one at a time, ASHA stopping some: every trial gets rows, no hang."""
     suite = tmp_path / "asha.yaml"
     suite.write_text(ASHA_SUITE.format(**tiny_data))
-    run_dir = run_suite(suite, out_dir=tmp_path / "runs", name="asha", progress=False).parent
+    run_dir = Path(run_suite(suite, out_dir=tmp_path / "runs", name="asha", progress=False)).parent
     df = ResultStore(run_dir).read()
     assert len(ResultStore(run_dir).trial_ids()) == 4
     status = df[df["metric"] == "status"]
@@ -158,7 +159,7 @@ def test_fctl_sweep_trains_the_ideal_stage_once(tmp_path, tiny_data, ray_local):
     """3 trials (2 lambda_fs samples + degraded-only) share one ideal model: trained once, counted."""
     suite = tmp_path / "fctl.yaml"
     suite.write_text(FCTL_SUITE.format(**tiny_data))
-    run_dir = run_suite(suite, out_dir=tmp_path / "runs", name="fctl", progress=False).parent
+    run_dir = Path(run_suite(suite, out_dir=tmp_path / "runs", name="fctl", progress=False)).parent
     store = ResultStore(run_dir)
     df = store.read()
     assert len(store.trial_ids()) == 3 and (df["status"] == "ok").all()

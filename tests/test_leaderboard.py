@@ -1,6 +1,8 @@
 """Leaderboard: exact cell strings, best marking, failures, smoke banner."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 
 import pytest
@@ -93,7 +95,7 @@ def test_smoke_banner(tmp_path, store):
     for tid, rows in _rows(smoke=True).items():
         smoke_store.write_trial(tid, rows)
     for fmt in ("md", "csv", "html"):
-        path = write_leaderboard(smoke_store.run_dir, fmt)
+        path = Path(write_leaderboard(smoke_store.storage, fmt))
         text = path.read_text(encoding="utf-8")
         assert path.name == f"leaderboard.{fmt}"
         assert SMOKE_BANNER in text.splitlines()[0]
@@ -101,22 +103,22 @@ def test_smoke_banner(tmp_path, store):
 
 
 def test_write_leaderboard(store):
-    path = write_leaderboard(store.run_dir)
-    assert path == store.run_dir / "leaderboard.md"
+    path = Path(write_leaderboard(store.storage))
+    assert path == store.storage.local_path("leaderboard.md")
     assert "| focal[g2] | **55.5 ± 0.7** |" in path.read_text(encoding="utf-8")
-    assert not list(store.run_dir.glob("*.tmp"))
-    write_leaderboard(store.run_dir)  # overwrite is fine
+    assert not list(path.parent.glob("*.tmp"))
+    write_leaderboard(store.storage)  # overwrite is fine
 
 
 def test_empty_and_failed_only(tmp_path):
     empty = ResultStore(tmp_path / "empty")
     for fmt in ("md", "csv", "html"):
-        text = write_leaderboard(empty.run_dir, fmt).read_text(encoding="utf-8")
+        text = Path(write_leaderboard(empty.storage, fmt)).read_text(encoding="utf-8")
         assert "No successful final evaluations yet" in text
     assert "No successful" in format_for_terminal(empty.read())
     failed = ResultStore(tmp_path / "failed")
     failed.write_trial("focal-2", _rows()["focal-2"])
-    text = write_leaderboard(failed.run_dir).read_text(encoding="utf-8")
+    text = Path(write_leaderboard(failed.storage)).read_text(encoding="utf-8")
     assert "1 failed trial" in text
     board = build_leaderboard(failed.read())
     assert board.loc["focal[g2]", ("failed", "", "")] == 1

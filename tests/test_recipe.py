@@ -68,7 +68,7 @@ def recipe_run(tmp_path_factory, ray_local):
     torch.save(resnet50().state_dict(), weights)
     suite = tmp / "recipe.yaml"
     suite.write_text(PRESET_SUITE.format(weights=weights, cache=tmp / "cache"))
-    board = run_suite(suite, out_dir=tmp / "runs", name="recipe", progress=False)
+    board = Path(run_suite(suite, out_dir=tmp / "runs", name="recipe", progress=False))
     return board.parent, weights
 
 
@@ -77,7 +77,7 @@ def plain_run(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("plain")
     suite = tmp / "plain.yaml"
     suite.write_text(PLAIN_SUITE.format(cache=tmp / "cache"))
-    board = run_suite(suite, out_dir=tmp / "runs", name="plain", progress=False)
+    board = Path(run_suite(suite, out_dir=tmp / "runs", name="plain", progress=False))
     return suite, board.parent
 
 
@@ -111,7 +111,7 @@ def test_eval_of_a_finished_trials_detector_reproduces_its_rows(plain_run, tmp_p
     trial = df[df["variant"] == "plain"]["trial_id"].iloc[0]
     board = run_suite(suite, out_dir=tmp_path, name="eval", progress=False,
                       checkpoint=str(_detector_file(run_dir, trial)), method="plain")
-    evaluated = ResultStore(board.parent).read()
+    evaluated = ResultStore(Path(board).parent).read()
     assert set(evaluated["cell"]) == {"plain/shapes/checkpoint"}
     got = _final(evaluated, "plain")
     assert set(got) == set(trained) and ("gaussian_noise", "AP") in got

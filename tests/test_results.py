@@ -169,21 +169,54 @@ def test_dict_rows_are_validated(tmp_path):
 
 def test_finished_lookup_reads_one_index_entry_not_every_trial(tmp_path, monkeypatch):
     """A starting trial's "already done?" question costs O(1) files, however many trials the run has."""
-    import pyarrow.parquet as pq
     store = ResultStore(tmp_path)
     for i in range(40):
         store.write_trial(f"t{i}", [r.model_copy(update={"cell": f"c{i}"}) for r in trial_rows(f"t{i}")])
     failed = [row(trial_id="tf", cell="c99", status="failed", reason="boom", metric="status", value=math.nan)]
     store.write_trial("tf", failed)
     reads = []
-    real = pq.read_table
-    monkeypatch.setattr(pq, "read_table", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    real = store.storage.read_bytes
+    monkeypatch.setattr(store.storage, "read_bytes", lambda rel: reads.append(rel) or real(rel))
+    monkeypatch.setattr(store.storage, "list", lambda *a: pytest.fail("the lookup must not list the rows"))
     # a restored trial finds its own rows; a new trial id of the same cell + config finds the indexed one
-    assert set(store.finished("t7", "c7", "abc")["trial_id"]) == {"t7"} and len(reads) == 1
+    assert set(store.finished("t7", "c7", "abc")["trial_id"]) == {"t7"} and reads == ["rows/t7.parquet"]
     reads.clear()
-    assert set(store.finished("new", "c12", "abc")["trial_id"]) == {"t12"} and len(reads) == 2
+    assert set(store.finished("new", "c12", "abc")["trial_id"]) == {"t12"}
+    assert reads[0] == "rows/new.parquet" and reads[1].startswith("finished/") and reads[2:] == ["rows/t12.parquet"]
     reads.clear()
     assert store.finished("new", "c12", "other-hash") is None      # another config: not finished
+    reads.clear()
     assert store.finished("tf", "c99", "abc") is None and len(reads) <= 2  # failed rows never finish a cell
     store.retire("tf")
     assert store.finished("new", "c99", "abc") is None
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_root(request, tmp_path):
+    return str(tmp_path / "run") if request.param == "local" else request.getfixturevalue("s3_uri") + "/run"
+
+
+def test_snapshot_serves_unchanged_trials_and_never_a_stale_row(run_root, monkeypatch):
+    """The rows snapshot: one read instead of one per trial, while every rows file stays the truth."""
+    from harness.results.store import SNAPSHOT, SNAPSHOT_AFTER
+    store = ResultStore(run_root)
+    n = SNAPSHOT_AFTER + 8
+    for i in range(n):
+        store.write_trial(f"t{i}", [r.model_copy(update={"cell": f"c{i}"}) for r in trial_rows(f"t{i}")])
+    first = store.read()
+    assert len(first) == 6 * n and store.storage.exists(SNAPSHOT)
+    reads = []
+    real = store.storage.read_bytes
+    monkeypatch.setattr(store.storage, "read_bytes", lambda rel: reads.append(rel) or real(rel))
+    assert store.read().equals(first) and reads == [SNAPSHOT]           # nothing but the snapshot
+    reads.clear()
+    store.write_trial("t3", [r.model_copy(update={"cell": "c3", "value": 0.99}) for r in trial_rows("t3")])
+    store.retire("t5")
+    store.write_trial("new", trial_rows("new"))
+    df = store.read()
+    assert sorted(reads) == sorted([SNAPSHOT, "rows/t3.parquet", "rows/new.parquet"])
+    assert set(df[(df["trial_id"] == "t3") & (df["metric"] == "AP")]["value"]) == {0.99}
+    assert "t5" not in set(df["trial_id"]) and "new" in set(df["trial_id"]) and len(df) == 6 * n
+    store.storage.write_bytes(SNAPSHOT, b"not parquet")                 # a damaged snapshot is ignored
+    assert store.read().sort_values("row_id").reset_index(drop=True).equals(
+        df.sort_values("row_id").reset_index(drop=True))

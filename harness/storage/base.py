@@ -1,0 +1,169 @@
+"""The storage interface every writer of a run directory goes through.
+
+A run directory is a *root* (a local folder or an object-store prefix) holding
+files named by ``/``-separated relative paths (``rows/<trial>.parquet``,
+``run.json``, ``artifacts/<key>/detector.pt``). Two implementations:
+:class:`harness.storage.local.LocalStorage` (POSIX: temp file + ``os.replace``,
+``flock``) and :class:`harness.storage.s3.S3Storage` (one object written whole
+by one PUT, ``If-None-Match: *`` conditional writes, leases). What holds on both:
+
+* :meth:`Storage.write_bytes` publishes a file whole: a reader sees the old
+  content, the new one, or nothing -- never part of a file;
+* :meth:`Storage.create` writes only where nothing exists yet, atomically
+  (a trial marker, a claim): of two concurrent creators exactly one wins;
+* :meth:`Storage.exclusive` holds a claim on a name across processes and nodes
+  for a ``with`` block; a claim whose holder died is released (POSIX: the
+  kernel drops the lock) or expires after its lease (object store) and is taken over;
+* several files forming one unit (an artifact) are published by writing a
+  commit marker last (:mod:`harness.artifacts`).
+
+Ray Train and Tune write their own state through :meth:`Storage.arrow`
+(``storage_path`` + ``storage_filesystem``), so checkpoints land in the same root.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+
+class Storage(ABC):
+    """A root of files addressed by relative ``/``-separated paths."""
+
+    #: The root as the user writes it: a local path or ``s3://bucket/prefix``.
+    uri: str
+    #: Whether the root is a folder of this machine (its files have local paths).
+    is_local: bool
+
+    # ------------------------------------------------------------ the primitives
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole file; ``FileNotFoundError`` if there is none."""
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Publish ``data`` as ``rel`` whole (replacing any previous content)."""
+
+    @abstractmethod
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist; True if this call created it."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, rel_dir: str) -> list[str]:
+        """Names of the files directly in ``rel_dir`` (sorted; temporary files excluded)."""
+
+    @abstractmethod
+    def versions(self, rel_dir: str) -> dict[str, str]:
+        """``name -> version token`` of the files directly in ``rel_dir``, from one listing.
+
+        A token changes whenever a file is republished (object store: its ETag;
+        POSIX: inode, size and mtime), so a reader can tell which files it already has.
+        """
+
+    @abstractmethod
+    def list_dirs(self, rel_dir: str) -> list[str]:
+        """Names of the sub-folders (prefixes) directly in ``rel_dir`` (sorted)."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Remove a file if present."""
+
+    @abstractmethod
+    def delete_tree(self, rel_dir: str) -> None:
+        """Remove a folder (prefix) and everything under it."""
+
+    @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Move a file (POSIX: one rename; object store: copy, then delete the source)."""
+
+    @abstractmethod
+    def size(self, rel: str) -> int: ...
+
+    @abstractmethod
+    def upload(self, rel: str, local: Path) -> None:
+        """Publish the local file ``local`` as ``rel`` whole (streamed, any size)."""
+
+    @abstractmethod
+    def download(self, rel: str, local: Path) -> None:
+        """Copy ``rel`` to the local file ``local`` (written whole, then renamed)."""
+
+    @abstractmethod
+    def exclusive(self, rel: str, *, lease_s: float | None = None) -> contextlib.AbstractContextManager:
+        """Hold the claim ``rel`` for a ``with`` block (waits while another holder has it)."""
+
+    @abstractmethod
+    def arrow(self, rel: str = "") -> tuple[object, str]:
+        """``(pyarrow filesystem, path)`` of ``rel``: Ray's ``storage_filesystem`` / ``storage_path``."""
+
+    @abstractmethod
+    def local_path(self, rel: str = "") -> Path | None:
+        """The local path of ``rel`` on a POSIX root, else None."""
+
+    @abstractmethod
+    def child(self, rel: str) -> "Storage":
+        """The storage rooted at ``rel`` under this root."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise :class:`harness.errors.StorageError` naming the URI and the cause if unusable."""
+
+    def describe(self) -> dict:
+        """What the manifest records of this storage: never credentials."""
+        return {"uri": self.uri}
+
+    # ------------------------------------------------------------ derived, shared
+
+    def join(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in parts if p)
+
+    def read_many(self, rels: list[str]) -> list[bytes | None]:
+        """Several whole files (None where missing); parallel where the backend gains from it."""
+        out: list[bytes | None] = []
+        for rel in rels:
+            try:
+                out.append(self.read_bytes(rel))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def write_json(self, rel: str, data, **kw) -> None:
+        self.write_bytes(rel, json.dumps(data, **kw).encode())
+
+    def display(self, rel: str = "") -> str:
+        """``rel`` as a user reads it in a message: a local path or a full URI."""
+        local = self.local_path(rel)
+        return str(local) if local is not None else self.uri.rstrip("/") + ("/" + rel if rel else "")
+
+    @contextlib.contextmanager
+    def local_copy(self, rel: str, local: Path) -> Iterator[Path]:
+        """A local file for a writer that needs one (a log, Optuna's journal), published afterwards.
+
+        On a POSIX root the file is written in place; on an object store it is written at
+        ``local`` and uploaded when the block ends (also when it raises).
+        """
+        here = self.local_path(rel)
+        if here is not None:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            yield here
+            return
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield local
+        finally:
+            if local.exists():
+                self.upload(rel, local)
