@@ -66,6 +66,16 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from harness.report import write_report
+    from harness.results import ResultStore
+    from harness.runner import open_run
+    run_dir = open_run(args.run_dir)
+    for where in write_report(run_dir, ResultStore(run_dir).read()):
+        print(where)
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from harness.data.synthetic import write_synthetic_coco
     if args.format != "coco":
@@ -199,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("run_dir")
     lb.add_argument("--format", choices=("md", "csv", "html"), default="md")
     lb.set_defaults(func=cmd_leaderboard)
+    rp = sub.add_parser("report", help="(re)build robustness.md and the plots of a run directory")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a synthetic dataset in real COCO format")

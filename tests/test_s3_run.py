@@ -81,7 +81,8 @@ def test_s3_run_killed_between_trials_resumes_from_the_store(tmp_path, tiny_data
     assert open_storage(run_uri).read_json("manifest.json")["storage"]["uri"] == run_uri
 
     # the commands that read a run directory, on the URI
-    for cmd, expect in ((["status", run_uri], "total: 2 done"), (["leaderboard", run_uri], "faster_rcnn")):
+    for cmd, expect in ((["status", run_uri], "total: 2 done"), (["leaderboard", run_uri], "faster_rcnn"),
+                        (["report", run_uri], f"{run_uri}/robustness.md")):
         out = subprocess.run(DETBENCH + cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and expect in out.stdout, out.stdout + out.stderr
     weights = tmp_path / "w.pt"

@@ -26,7 +26,6 @@ import contextlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
 
 
 class Storage(ABC):
@@ -148,22 +147,3 @@ class Storage(ABC):
         """``rel`` as a user reads it in a message: a local path or a full URI."""
         local = self.local_path(rel)
         return str(local) if local is not None else self.uri.rstrip("/") + ("/" + rel if rel else "")
-
-    @contextlib.contextmanager
-    def local_copy(self, rel: str, local: Path) -> Iterator[Path]:
-        """A local file for a writer that needs one (a log, Optuna's journal), published afterwards.
-
-        On a POSIX root the file is written in place; on an object store it is written at
-        ``local`` and uploaded when the block ends (also when it raises).
-        """
-        here = self.local_path(rel)
-        if here is not None:
-            here.parent.mkdir(parents=True, exist_ok=True)
-            yield here
-            return
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            yield local
-        finally:
-            if local.exists():
-                self.upload(rel, local)
