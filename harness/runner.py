@@ -134,7 +134,7 @@ def out_storage(out_dir: str | Path | None, suite: Suite | None = None) -> Stora
     spec = suite.storage if suite is not None else None
     where = out_dir or (spec.uri if spec else None) or "results/runs"
     storage = open_storage(where, **(spec.options() if spec else {}))
-    storage.check()
+    storage.check(write=True)
     return storage
 
 
@@ -280,6 +280,7 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     from harness.sweep import cluster_nodes, init_ray
 
     storage = open_run(run_dir)
+    storage.check(write=True)
     run, cells = load_run(storage)
     if run.run_dir != storage.uri:  # the run directory was moved or copied: it is where it is now
         run = replace(run, run_dir=storage.uri)

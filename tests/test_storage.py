@@ -131,3 +131,26 @@ def test_wrong_credentials_are_exit_2_and_never_echoed(tmp_path, tiny_data, caps
         out = _in_process(["run", str(_suite(tmp_path, tiny_data)), "--out", "s3://locked-bucket/runs"],
                           capsys, monkeypatch, {**TEST_ENV, "DETBENCH_STORAGE_ENDPOINT_URL": url})
     _one_clear_line(out, uri="s3://locked-bucket/runs", cause="access to bucket 'locked-bucket' denied")
+
+
+def test_a_server_without_conditional_writes_is_refused_before_a_run(s3_uri, monkeypatch):
+    """Older S3-compatible servers answer If-None-Match with 501: a run there is refused up front."""
+    from botocore.exceptions import ClientError
+    storage = open_storage(s3_uri)
+    real = storage.client(quick=True)
+
+    class NoConditionalWrites:
+        def head_bucket(self, **kw):
+            return real.head_bucket(**kw)
+
+        def put_object(self, **kw):
+            if "IfNoneMatch" in kw:
+                raise ClientError({"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}},
+                                  "PutObject")
+            return real.put_object(**kw)
+
+        delete_object = staticmethod(real.delete_object)
+    monkeypatch.setattr(storage, "client", lambda quick=False: NoConditionalWrites())
+    storage.check()  # reading is fine
+    with pytest.raises(StorageError, match="refused a conditional write .*NotImplemented"):
+        storage.check(write=True)

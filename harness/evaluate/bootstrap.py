@@ -32,11 +32,12 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-#: Resamples processed at once (memory: about 6 arrays of CHUNK x detections-per-category).
+#: Resamples processed at once (memory: a few arrays of CHUNK x true positives per category).
 CHUNK = 100
 
 
@@ -47,6 +48,34 @@ class CategoryMatches:
     tp: np.ndarray      # [T, D] bool: matched and not ignored
     counted: np.ndarray  # [T, D] bool: not ignored (TP or FP)
     gt: np.ndarray      # [I] non-ignored GT boxes of the category per image
+
+    @cached_property
+    def segments(self) -> tuple[list[np.ndarray], "object", np.ndarray]:
+        """What :func:`weighted_ap` needs, per IoU threshold: the image of each true positive
+        (in score order) and, as one sparse matrix over all thresholds, how many false positives
+        of each image come before each true positive but after the previous one.
+
+        Why only the true positives: recall grows only at a TP, so every recall threshold's
+        first position is a TP, and the precision envelope's maximum over a suffix is reached
+        at a TP (false positives after a TP only lower precision until the next one); the
+        false positives enter through the running count of detections seen.
+        """
+        from scipy.sparse import csr_matrix
+        n_img = len(self.gt)
+        tp_images, rows, cols, offsets, start = [], [], [], [0], 0
+        for t in range(self.tp.shape[0]):
+            positions = np.flatnonzero(self.tp[t])
+            fp = np.flatnonzero(self.counted[t] & ~self.tp[t])
+            seg = np.searchsorted(positions, fp)          # FPs before the seg-th TP (M: after the last)
+            keep = seg < len(positions)                   # trailing FPs change no TP's precision
+            rows.append(start + seg[keep])
+            cols.append(self.image[fp[keep]])
+            tp_images.append(self.image[positions])
+            start += len(positions)
+            offsets.append(start)
+        rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
+        fp_counts = csr_matrix((np.ones(len(rows_a)), (rows_a, cols_a)), shape=(start, n_img))
+        return tp_images, fp_counts, np.asarray(offsets)
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,8 @@ def weighted_ap(matches: Matches, counts: np.ndarray) -> dict[str, np.ndarray]:
     COCOeval's ``accumulate`` + summarize (area "all", the matched ``maxDets``) with
     each image's detections and GT boxes counted ``counts[b, i]`` times. A category
     with no GT box in a resample is left out of that resample's mean, as COCOeval does.
+    Cost per category: one sparse product (false positives per image and segment) and
+    a few passes over [B, true positives], not over [B, detections].
     """
     counts = np.asarray(counts, dtype=np.float64)
     n_b, n_t, eps = counts.shape[0], len(matches.iou_thrs), np.spacing(1)
@@ -130,16 +161,20 @@ def weighted_ap(matches: Matches, counts: np.ndarray) -> dict[str, np.ndarray]:
         n_valid += valid
         if not cat.image.size or not valid.any():
             continue                                           # no detections: precision 0 everywhere
-        w = counts[:, cat.image]                               # [B, D]
+        tp_images, fp_counts, offsets = cat.segments
+        fp_all = np.asarray((fp_counts @ counts.T).T)          # [B, sum of TPs over thresholds]
+        gt_safe = np.where(valid, gt, 1.0)[:, None]
         for t in range(n_t):
-            tp = np.cumsum(w * cat.tp[t], axis=1)
-            seen = np.cumsum(w * cat.counted[t], axis=1)       # tp + fp
-            recall = np.where(valid[:, None], tp / np.where(valid, gt, 1.0)[:, None], 0.0)
+            m = len(tp_images[t])
+            if not m:
+                continue                                       # no true positive: precision 0
+            tp = np.cumsum(counts[:, tp_images[t]], axis=1)    # weighted TPs up to each TP
+            seen = tp + np.cumsum(fp_all[:, offsets[t]:offsets[t + 1]], axis=1)  # TPs + FPs so far
+            recall = np.where(valid[:, None], tp / gt_safe, 0.0)
             precision = tp / (seen + eps)
             envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
             idx = _rowwise_searchsorted(recall, matches.rec_thrs)
-            inside = idx < cat.image.size
-            q = np.where(inside, np.take_along_axis(envelope, np.minimum(idx, cat.image.size - 1), axis=1), 0.0)
+            q = np.where(idx < m, np.take_along_axis(envelope, np.minimum(idx, m - 1), axis=1), 0.0)
             sums[:, t] += np.where(valid, q.mean(axis=1), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_t = sums / n_valid[:, None]
@@ -183,8 +218,10 @@ def paired_bootstrap(method: Sequence[Matches], baseline: Sequence[Matches], *, 
     deltas: dict[str, list[np.ndarray]] = {"AP": [], "AP50": []}
     for start in range(0, resamples, CHUNK):
         counts = draw_counts(len(ids), min(CHUNK, resamples - start), rng)
-        side = [{k: np.mean([weighted_ap(m, counts)[k] for m in group], axis=0) for k in deltas}
-                for group in (method, baseline)]
+        side = []
+        for group in (method, baseline):
+            per_seed = [weighted_ap(m, counts) for m in group]
+            side.append({k: np.mean([ap[k] for ap in per_seed], axis=0) for k in deltas})
         for k in deltas:
             deltas[k].append(side[0][k] - side[1][k])
     point = [{k: np.mean([m.ap()[k] for m in group]) for k in deltas} for group in (method, baseline)]

@@ -109,8 +109,9 @@ class Storage(ABC):
         """The storage rooted at ``rel`` under this root."""
 
     @abstractmethod
-    def check(self) -> None:
-        """Raise :class:`harness.errors.StorageError` naming the URI and the cause if unusable."""
+    def check(self, *, write: bool = False) -> None:
+        """Raise :class:`harness.errors.StorageError` naming the URI and the cause if unusable
+        (``write``: for writing a run, not only reading one)."""
 
     def describe(self) -> dict:
         """What the manifest records of this storage: never credentials."""

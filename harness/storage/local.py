@@ -113,7 +113,7 @@ class LocalStorage(Storage):
     def child(self, rel: str) -> "LocalStorage":
         return LocalStorage(self._p(rel))
 
-    def check(self) -> None:
+    def check(self, *, write: bool = False) -> None:
         probe = self.root
         while not probe.exists():
             probe = probe.parent

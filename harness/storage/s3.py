@@ -234,8 +234,12 @@ class S3Storage(Storage):
     def describe(self) -> dict:
         return {"uri": self.uri, "endpoint_url": self.endpoint_url, "region": self.region}
 
-    def check(self) -> None:
-        """One quick request to the bucket; each way it can fail becomes one clear line."""
+    def check(self, *, write: bool = False) -> None:
+        """One quick request to the bucket; each way it can fail becomes one clear line.
+
+        ``write``: also create and remove a probe object with ``If-None-Match: *`` -- a
+        run needs write access and conditional writes, which some S3-compatible servers lack.
+        """
         from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
                                          EndpointConnectionError, NoCredentialsError, PartialCredentialsError)
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -257,3 +261,18 @@ class S3Storage(Storage):
                                uri=self.uri) from None
         except BotoCoreError as exc:
             raise StorageError(f"S3 request failed{where} ({type(exc).__name__})", uri=self.uri) from None
+        if write:
+            probe = f".detbench-write-check-{uuid.uuid4().hex}"
+            try:
+                self.client(quick=True).put_object(Bucket=self.bucket, Key=self.key(probe), Body=b"",
+                                                   IfNoneMatch="*")
+                self.client(quick=True).delete_object(Bucket=self.bucket, Key=self.key(probe))
+            except ClientError as exc:
+                if _status(exc) in (401, 403):
+                    raise StorageError(f"no write access to bucket '{self.bucket}'{where} "
+                                       f"({_code(exc) or _status(exc)})", uri=self.uri) from None
+                raise StorageError(f"the S3 server{where} refused a conditional write (If-None-Match: *; "
+                                   f"{_code(exc) or _status(exc)}): detbench needs it for claims on object "
+                                   "storage (AWS S3, MinIO and Ceph RGW recent releases have it)", uri=self.uri) from None
+            except BotoCoreError as exc:
+                raise StorageError(f"S3 request failed{where} ({type(exc).__name__})", uri=self.uri) from None
