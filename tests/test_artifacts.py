@@ -138,27 +138,27 @@ def test_claim_of_a_dead_holder_is_taken_over_after_its_lease(tmp_path, s3_uri, 
         folder, reused = ArtifactStore(root, lease_s=lease_s).produce("k", lambda: (_files(tmp_path), {}))
     waited = time.time() - t0
     assert not reused and (folder / "detector.pt").read_bytes() == b"weights"
-    assert lease_s - 1.5 <= waited < lease_s + 10, waited  # Last-Modified has one-second resolution
+    assert lease_s - 1.0 <= waited < lease_s + 10, waited  # HTTP dates have one-second resolution
     assert any("took over from " + claim["owner"] in r.getMessage() for r in caplog.records)
     assert not open_storage(root).exists(".claims/k")  # released after the put
 
 
 def test_live_holder_keeps_its_claim_past_the_lease(s3_uri):
-    """The heartbeat keeps a claim held for several leases; the waiter gets it only after release."""
+    """The heartbeat keeps a claim held for three leases; the waiter gets it only after release."""
     storage = open_storage(s3_uri)
     events = []
     import threading
 
     def hold():
-        with storage.exclusive("c", lease_s=1.0):
+        with storage.exclusive("c", lease_s=2.0):
             events.append("held")
-            time.sleep(3.5)
+            time.sleep(6.0)
             events.append("released")
     t = threading.Thread(target=hold)
     t.start()
     while not events:
         time.sleep(0.05)
-    with storage.exclusive("c", lease_s=1.0) as lease:
+    with storage.exclusive("c", lease_s=2.0) as lease:
         events.append("waiter")
         assert lease.took_over_from is None
     t.join()

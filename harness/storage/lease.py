@@ -25,6 +25,9 @@ import uuid
 
 log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 60.0
+#: HTTP dates (``Last-Modified``, ``Date``) have a resolution of one second: an age read from
+#: them can be up to this much too large, so a claim expires only past the lease plus this.
+CLOCK_RESOLUTION_S = 1.0
 
 
 def default_lease_s() -> float:
@@ -58,7 +61,7 @@ class Lease:
             if found is None:
                 continue  # released between our two requests
             etag, age = found
-            if age > self.lease_s:
+            if age > self.lease_s + CLOCK_RESOLUTION_S:
                 holder = self._holder()
                 self.etag = self.storage.put_if(self.rel, self._body(), etag=etag)
                 if self.etag:
