@@ -3,8 +3,8 @@
 Why a lease: a POSIX ``flock`` dies with its holder, an object does not. A claim
 is the object ``rel`` created with ``If-None-Match: *`` (one creator wins); its
 holder rewrites it every ``lease_s / 4`` seconds (``If-Match`` its own version),
-and a waiter that finds it unchanged for longer than ``lease_s`` -- by the
-*server's* clock (the object's ``Last-Modified`` against the response's
+and a waiter that finds it unchanged for longer than ``lease_s`` (plus
+:data:`CLOCK_RESOLUTION_S`) -- by the *server's* clock (the object's ``Last-Modified`` against the response's
 ``Date``), so nodes' clocks do not matter -- replaces it conditionally and holds
 the claim: of several waiters exactly one takes it over. Release deletes the
 object only if it is still the holder's version.
