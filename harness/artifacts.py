@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -51,7 +50,8 @@ def artifact_key(spec: dict) -> str:
 
 def local_cache_root() -> Path:
     """Where a node keeps its copies of remote artifacts (its local disk, as the data cache)."""
-    return Path(os.environ.get("DETBENCH_CACHE") or Path.home() / ".cache" / "detbench") / "artifacts"
+    from harness.config import node_cache_dir
+    return node_cache_dir() / "artifacts"
 
 
 class ArtifactStore:

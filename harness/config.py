@@ -667,6 +667,10 @@ def schedule_for(suite: Suite, m: MethodSpec) -> ScheduleSpec:
     return ScheduleSpec.model_validate({**suite.schedule.model_dump(), **m.schedule})
 
 
+def node_cache_dir() -> Path:
+    """This node's local cache: ``DETBENCH_CACHE``, else ``~/.cache/detbench``."""
+    return Path(os.environ.get("DETBENCH_CACHE") or Path.home() / ".cache" / "detbench")
+
+
 def data_cache_dir(suite: Suite) -> Path:
-    env = os.environ.get("DETBENCH_CACHE")
-    return Path(suite.data_cache or env or Path.home() / ".cache" / "detbench")
+    return Path(suite.data_cache) if suite.data_cache else node_cache_dir()

@@ -10,6 +10,7 @@ explanation. Plain cells run in one Tuner (grid over cells); a method with a
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import logging.handlers
 import math
@@ -296,7 +297,6 @@ class JournalMirror:
 
     def __init__(self, storage, rel: str):
         from harness.artifacts import local_cache_root
-        import hashlib
         self.storage, self.rel = storage, rel
         here = storage.local_path(rel)
         if here is None:

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,8 +133,9 @@ class ProposalParams:
 
 
 def default_cache_dir() -> Path:
-    """``<data cache>/soco_proposals``; the data cache as in ``harness.config.data_cache_dir``."""
-    return Path(os.environ.get("DETBENCH_CACHE") or Path.home() / ".cache" / "detbench") / "soco_proposals"
+    """``<this node's cache>/soco_proposals`` (:func:`harness.config.node_cache_dir`)."""
+    from harness.config import node_cache_dir
+    return node_cache_dir() / "soco_proposals"
 
 
 def _to_uint8_hwc(image: Tensor) -> np.ndarray:
