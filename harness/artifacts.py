@@ -48,19 +48,11 @@ def artifact_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def local_cache_root() -> Path:
-    """Where a node keeps its copies of remote artifacts (its local disk, as the data cache)."""
-    from harness.config import node_cache_dir
-    return node_cache_dir() / "artifacts"
-
-
 class ArtifactStore:
     def __init__(self, root: str | Path | Storage, *, lease_s: float | None = None):
         self.storage = open_storage(root)
         self.lease_s = lease_s
-        local = self.storage.local_path()
-        self.cache = local if local is not None else (
-            local_cache_root() / hashlib.sha256(self.storage.uri.encode()).hexdigest()[:16])
+        self.cache = self.storage.local_path() or self.storage.node_copy()
 
     def folder(self, key: str) -> Path:
         """The local folder an artifact's files are read from (the store itself on POSIX)."""

@@ -238,10 +238,11 @@ def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput
 def finish_trial(cell: Cell, run: RunInfo, trial_id: str, outputs: dict[str, StageOutput],
                  wall_s: float) -> dict:
     """Write the trial's rows at once (and a failure's traceback); return its last report to Tune."""
-    ResultStore(run.storage()).write_trial(trial_id, rows_for_trial(run, cell, trial_id, outputs, wall_s=wall_s))
+    storage = run.storage()
+    ResultStore(storage).write_trial(trial_id, rows_for_trial(run, cell, trial_id, outputs, wall_s=wall_s))
     tb = next((o.traceback for o in outputs.values() if o.traceback), "")
     if tb:
-        run.storage().write_text(f"failures/{trial_id}.txt", tb)
+        storage.write_text(f"failures/{trial_id}.txt", tb)
     final = outputs.get(cell.stages[-1]) or next(iter(outputs.values()))
     report = {**(final.history[-1] if final.history else {}), **final.final, "epoch": len(final.history),
               "status": final.status}

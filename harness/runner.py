@@ -94,19 +94,12 @@ DRIVER_LOG = "logs/driver.log"
 def _driver_log(storage: Storage) -> Path:
     """Ray's and our own library logging go to a file, not the user's terminal; returns it.
 
-    On a POSIX run directory it is ``logs/driver.log``; on an object store a file in the
-    local cache, published to ``logs/driver.log`` when the sweep ends (:func:`_publish_log`).
+    On a POSIX run directory it is ``logs/driver.log``; on an object store the node's working
+    copy (:meth:`Storage.working_copy`: a resumed run appends to the stored log), published
+    when the sweep ends (:func:`_publish_log`).
     """
-    from harness.artifacts import local_cache_root
     from harness.sweep import RAY_MESSAGES
-    path = storage.local_path(DRIVER_LOG) or (
-        local_cache_root().parent / "logs" / f"{storage.uri.replace('://', '_').replace('/', '_')}.log")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if storage.local_path() is None:
-        try:
-            storage.download(DRIVER_LOG, path)  # a resumed run appends to the stored log
-        except FileNotFoundError:
-            pass
+    path = storage.working_copy(DRIVER_LOG)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for record in RAY_MESSAGES.buffer:  # what Ray said while it started, before this file existed
@@ -121,11 +114,10 @@ def _driver_log(storage: Storage) -> Path:
 
 
 def _publish_log(storage: Storage, path: Path) -> None:
-    if storage.local_path(DRIVER_LOG) is None and path.is_file():
-        for lg in ("ray", "harness", "methods"):
-            for h in logging.getLogger(lg).handlers:
-                h.flush()
-        storage.upload(DRIVER_LOG, path)
+    for lg in ("ray", "harness", "methods"):
+        for h in logging.getLogger(lg).handlers:
+            h.flush()
+    storage.publish_copy(DRIVER_LOG, path)
 
 
 def out_storage(out_dir: str | Path | None, suite: Suite | None = None) -> Storage:

@@ -10,7 +10,6 @@ explanation. Plain cells run in one Tuner (grid over cells); a method with a
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import logging.handlers
 import math
@@ -264,10 +263,10 @@ def _search_tuner(trainable, cell: Cell, run: RunInfo, i: int, concurrency: int,
     from ray.tune.search.optuna import OptunaSearch
 
     s = cell.search
-    journal = JournalMirror(run.storage(), f"optuna/search{i}.journal")
-    storage_backend = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal.local)))
-    callbacks = [*callbacks, journal.callback()]
+    journal_rel = f"optuna/search{i}.journal"
+    journal = run.storage().working_copy(journal_rel)  # Optuna appends under a file lock: a local file
+    storage_backend = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    callbacks = [*callbacks, _publish_journal(run.storage(), journal_rel, journal)]
     searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=cell.seed,
                             storage=storage_backend, study_name=cell.cell_id)
     # max_t one past the last epoch: a trial that reaches its end finishes by itself (and
@@ -286,41 +285,15 @@ def _search_tuner(trainable, cell: Cell, run: RunInfo, i: int, concurrency: int,
         run_config=_tune_run_config(f"search{i}", run, callbacks)), space
 
 
-class JournalMirror:
-    """Optuna's journal of a search: a local file, and a copy in the run's storage.
+def _publish_journal(storage, rel: str, journal: Path):
+    """A Tune callback publishing Optuna's journal to the run's storage after every finished
+    trial and at the end (on POSIX it is written in place and this does nothing)."""
+    from ray.tune import Callback
 
-    Optuna's journal backend appends under a file lock, so it needs a local (or NFS) file.
-    On a POSIX run directory that file is ``optuna/search<i>.journal`` itself; on an object
-    store it lives in the node's cache, is fetched from the store when a resumed driver
-    starts, and is published (one whole PUT) after every finished trial and at the end.
-    """
+    class PublishJournal(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            storage.publish_copy(rel, journal)
 
-    def __init__(self, storage, rel: str):
-        from harness.artifacts import local_cache_root
-        self.storage, self.rel = storage, rel
-        here = storage.local_path(rel)
-        if here is None:
-            digest = hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
-            here = local_cache_root().parent / "optuna" / digest / Path(rel).name
-            try:
-                storage.download(rel, here)  # a resumed search continues the stored study
-            except FileNotFoundError:
-                here.unlink(missing_ok=True)
-        here.parent.mkdir(parents=True, exist_ok=True)
-        self.local = here
-
-    def publish(self) -> None:
-        if self.storage.local_path(self.rel) is None and self.local.exists():
-            self.storage.upload(self.rel, self.local)
-
-    def callback(self):
-        from ray.tune import Callback
-        mirror = self
-
-        class PublishJournal(Callback):
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                mirror.publish()
-
-            def on_experiment_end(self, trials, **info):
-                mirror.publish()
-        return PublishJournal()
+        def on_experiment_end(self, trials, **info):
+            storage.publish_copy(rel, journal)
+    return PublishJournal()

@@ -154,3 +154,17 @@ def test_a_server_without_conditional_writes_is_refused_before_a_run(s3_uri, mon
     storage.check()  # reading is fine
     with pytest.raises(StorageError, match="refused a conditional write .*NotImplemented"):
         storage.check(write=True)
+
+
+def test_working_copy_is_fetched_appended_and_published(storage, tmp_path, monkeypatch):
+    """The driver's log / Optuna's journal: a local file, continued from the store on resume."""
+    monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
+    path = storage.working_copy("logs/driver.log")
+    assert not path.exists() and path.parent.is_dir()
+    path.write_text("first driver\n")
+    storage.publish_copy("logs/driver.log", path)
+    assert storage.read_text("logs/driver.log") == "first driver\n"
+    if not storage.is_local:
+        path.unlink()  # a resumed driver on another node: nothing cached there
+    again = storage.working_copy("logs/driver.log")
+    assert again.read_text() == "first driver\n" and (storage.is_local == (again == storage.local_path("logs/driver.log")))

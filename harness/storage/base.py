@@ -23,6 +23,7 @@ Ray Train and Tune write their own state through :meth:`Storage.arrow`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -143,6 +144,32 @@ class Storage(ABC):
 
     def write_json(self, rel: str, data, **kw) -> None:
         self.write_bytes(rel, json.dumps(data, **kw).encode())
+
+    def node_copy(self, rel: str = "") -> Path:
+        """Where this node keeps its copy of ``rel`` of a remote root (its local cache,
+        :func:`harness.config.node_cache_dir`; one folder per root URI)."""
+        from harness.config import node_cache_dir
+        root = node_cache_dir() / "remote" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        return root / rel if rel else root
+
+    def working_copy(self, rel: str) -> Path:
+        """A local file for ``rel`` that a writer needing one (the driver's log, Optuna's journal)
+        appends to: the file itself on POSIX; on an object store the node's copy, fetched from the
+        store when it is there (a resumed driver continues it). Publish it with :meth:`publish_copy`."""
+        path = self.local_path(rel)
+        if path is None:
+            path = self.node_copy(rel)
+            try:
+                self.download(rel, path)
+            except FileNotFoundError:
+                path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish_copy(self, rel: str, path: Path) -> None:
+        """Publish a :meth:`working_copy` (one whole upload; nothing to do on POSIX)."""
+        if self.local_path(rel) is None and path.is_file():
+            self.upload(rel, path)
 
     def display(self, rel: str = "") -> str:
         """``rel`` as a user reads it in a message: a local path or a full URI."""
