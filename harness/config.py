@@ -266,6 +266,7 @@ class MethodSpec(Strict):
     search: SearchSpec | None = None
     datasets: list[str] | None = None  # only these datasets of the suite (default: all)
     baseline: str | None = None  # label of the row this method's gain is measured against
+    published: str | None = None  # key of the reference number in suites/published.csv (harness.published)
 
 
 class ResourcesSpec(Strict):
@@ -293,6 +294,23 @@ class StorageSpec(Strict):
         return {"endpoint_url": self.endpoint_url, "region": self.region}
 
 
+class LeaderboardSpec(Strict):
+    """How the leaderboard states uncertainty (docs/leaderboards.md).
+
+    ``bootstrap``: resamples of the paired image-level bootstrap of ΔAP against each row's
+    baseline (0 = no intervals); ``ci``: the interval's coverage; ``seed``: the resampling
+    seed, so the same run gives the same intervals.
+    """
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+#: Live monitoring of a sweep (harness.loggers): TensorBoard event files per trial always;
+#: MLflow and Weights & Biases when a suite names them.
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+
+
 class Suite(Strict):
     name: str
     smoke: bool = False
@@ -306,6 +324,8 @@ class Suite(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     data_cache: str | None = None  # where generated data lives; default ~/.cache/detbench
     storage: StorageSpec = Field(default_factory=StorageSpec)  # where run directories go (harness.storage)
+    leaderboard: LeaderboardSpec = Field(default_factory=LeaderboardSpec)
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("datasets")
     @classmethod
