@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.detbench-installed
 PYTHON  ?= python3
 
-.PHONY: install demo test test-fast test-signal bench lock clean
+.PHONY: install browser demo test test-fast test-signal bench lock clean
 
 install: $(STAMP)
 
@@ -16,14 +16,19 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The HTML report's test loads pages in Debian's headless chromium; installs it when missing and
+# root, otherwise says why not (never fails: the browser tests then skip).
+browser:
+	bash .ci/install-browser
+
 demo: $(STAMP)
 	$(VENV)/bin/detbench run suites/smoke.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # The edit-test loop: everything but the tests that start Ray clusters or detbench drivers.
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow and not signal"
 
 # Every smoke cell learns (AP50 >= 0.30) and falls >= 0.10 with its classification term off (~20 min).
