@@ -1,4 +1,4 @@
-"""What a detector costs: parameters and FLOPs of the whole detector and of its neck.
+"""What a detector costs: parameters, FLOPs, batch-1 latency and peak memory (the cost columns).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (no extra
 dependency) on one image at the detector's evaluation size: ``min_size`` (the
@@ -7,6 +7,8 @@ input the transform produces; square ``image_size`` otherwise. They count the
 matrix products and convolutions of the forward pass (one multiply-add = 2
 FLOPs, the counter's convention), not NMS or box decoding. Neck FLOPs are
 counted on the neck alone, fed the backbone's stages of that image.
+Training cost comes from the trial: device-seconds (every worker's time, summed) and
+training images/s are measured by :mod:`harness.distributed` and :mod:`harness.engine`.
 """
 from __future__ import annotations
 
@@ -68,6 +70,52 @@ def detector_cost(detector: nn.Module, spec: DetectorSpec) -> DetectorCost:
                         flops=flops, neck_flops=neck_flops, image_hw=(h, w))
 
 
+#: Batch-1 forward passes timed for the latency (after :data:`LATENCY_WARMUP` untimed ones).
+LATENCY_RUNS = 10
+LATENCY_WARMUP = 3
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA ``max_memory_allocated`` on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def inference_cost(detector: nn.Module, spec: DetectorSpec, device: torch.device, *, amp: bool = False,
+                   runs: int = LATENCY_RUNS, warmup: int = LATENCY_WARMUP) -> dict[str, float]:
+    """Median batch-1 latency (ms) at the evaluation size, and the worker's peak memory so far.
+
+    Why the median after warm-up: the first calls pay for cuDNN autotuning and allocator
+    growth. On CUDA every timed call is synchronised (kernels are asynchronous), which is
+    the only correct way to time a forward pass; the host syncs are outside any training loop.
+    """
+    import time
+    from harness.engine import autocast_dtype
+    h, w = evaluation_size(spec)
+    image = [torch.rand(3, h, w, device=device)]
+    dtype = autocast_dtype(device) if amp else None
+    was_training = detector.training
+    detector.eval()
+    times = []
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for i in range(warmup + runs):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                detector(image)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        detector.train(was_training)
+    times.sort()
+    return {"cost/latency_ms": 1000 * times[len(times) // 2], "cost/peak_mem_mb": peak_memory_mb(device)}
+
+
 def cost_table(suite_path: str) -> str:
     """``detbench methods --cost SUITE``: each method's detector and each neck on the suite's detector.
 
@@ -108,4 +156,4 @@ def cost_table(suite_path: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DetectorCost", "detector_cost", "evaluation_size", "cost_table"]
+__all__ = ["DetectorCost", "detector_cost", "evaluation_size", "inference_cost", "peak_memory_mb", "cost_table"]

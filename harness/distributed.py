@@ -25,16 +25,21 @@ import torch
 
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
+from harness.evaluate.detections import detections_prefix
 from harness.records import Cell, RunInfo, StageOutput
 from harness.results import ResultStore, config_hash, report_of_rows, rows_for_trial
 
 TRIAL_CPU = 0.01  # the trial driver itself: enough to be scheduled, small enough for workers to fit
 
 
-def stage_job(cell: Cell, stage: str, artifacts: dict[str, str] | None = None) -> StageJob:
-    """What a worker needs to run ``stage`` of ``cell``: the stage's detector and schedule resolved."""
+def stage_job(cell: Cell, stage: str, artifacts: dict[str, str] | None = None, *,
+              detections=None) -> StageJob:
+    """What a worker needs to run ``stage`` of ``cell``: the stage's detector and schedule resolved.
+
+    ``detections``: the Storage where the final evaluations' detections go (None: not kept).
+    """
     method = cell.plugin
-    return StageJob(method=method, stage=stage, dataset=cell.dataset,
+    return StageJob(method=method, stage=stage, dataset=cell.dataset, detections=detections,
                     detector=method.stage_detector(stage, cell.detector), arch=cell.arch,
                     schedule=method.stage_schedule(stage, cell.schedule), seed=cell.seed,
                     artifacts={k: Path(v) for k, v in (artifacts or {}).items()},
@@ -62,8 +67,9 @@ def train_worker(cfg: dict) -> StageOutput:
     """Ray Train worker loop for one stage; rank 0's return value goes back to the trial.
 
     ``cfg`` (Train's ``train_loop_config``, plain JSON): ``cell`` (:meth:`Cell.to_dict`),
-    ``stage``, ``artifacts`` (earlier stage -> weights file), ``threads`` and ``fit_started``
-    (when the trial asked for this worker group: the start-up cost is recorded as a metric).
+    ``stage``, ``artifacts`` (earlier stage -> weights file), ``threads``, ``fit_started``
+    (when the trial asked for this worker group: the start-up cost is recorded as a metric)
+    and ``detections`` (``run`` + ``rel``: where the final evaluations' detections are kept).
     """
     entered = time.time()
     import ray.train
@@ -74,7 +80,9 @@ def train_worker(cfg: dict) -> StageOutput:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg["threads"])))
-    job = stage_job(Cell.from_dict(cfg["cell"]), cfg["stage"], cfg["artifacts"])
+    keep = cfg.get("detections")
+    job = stage_job(Cell.from_dict(cfg["cell"]), cfg["stage"], cfg["artifacts"],
+                    detections=RunInfo.from_dict(keep["run"]).storage(keep["rel"]) if keep else None)
 
     state, model_state, resumes = None, None, 0
     checkpoint = ray.train.get_checkpoint()
@@ -115,7 +123,9 @@ def train_worker(cfg: dict) -> StageOutput:
     except NonFiniteLoss as exc:
         return StageOutput.failed(str(exc), history=(state or StageState()).history, resumes=resumes,
                                   node_id=_worker_nodes(world))
-    timing = {"cost/worker_start_s": entered - cfg.get("fit_started", entered), "cost/worker_s": time.time() - entered}
+    worker_s = time.time() - entered
+    timing = {"cost/worker_start_s": entered - cfg.get("fit_started", entered), "cost/worker_s": worker_s,
+              "cost/device_s": _summed(worker_s, world)}  # device-seconds: every worker's time, summed
     return StageOutput("ok", history=state.history, final={**state.last_eval, **state.cost, **timing}, resumes=resumes,
                        conditions=state.conditions, node_id=_worker_nodes(world))
 
@@ -137,6 +147,16 @@ def _worker_nodes(world: int) -> str:
         dist.all_gather_object(gathered, nodes[0])
         nodes = gathered
     return ",".join(dict.fromkeys(nodes))
+
+
+def _summed(value: float, world: int) -> float:
+    """``value`` summed over the stage's workers (one collective, after the last epoch)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, value)
+    return float(sum(gathered))
 
 
 def _stop_requested() -> bool:
@@ -167,7 +187,8 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cell": cell.to_dict(), "stage": stage, "artifacts": artifacts,
-                           "threads": res.cpus_per_worker, "fit_started": time.time()},
+                           "threads": res.cpus_per_worker, "fit_started": time.time(),
+                           "detections": {"run": run.to_dict(), "rel": detections_prefix(trial_id, stage)}},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.cost import detector_cost
+from harness.cost import detector_cost, inference_cost
 from harness.data.coco import CocoDetection, load_coco
 from harness.data.loader import (PreparedCondition, PreparedDataset, eval_loader, load_split, set_loader_epoch,
                                  train_loader)
@@ -147,13 +147,15 @@ def to_device(obj, device):
 @torch.no_grad()
 def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8, world_size: int = 1,
                       rank: int = 0, transform=None, protocol: str = "coco",
-                      class_names: list[str] | None = None, amp: bool = False) -> dict[str, float]:
+                      class_names: list[str] | None = None, amp: bool = False,
+                      on_detections: Callable[[list[dict]], None] | None = None) -> dict[str, float]:
     """AP of ``detector`` on ``index`` (COCO or VisDrone protocol); images sharded over ranks.
 
     ``class_names`` (the names of the detector's labels 1..N) maps predictions to a test set
     with its own categories by name; classes the test set lacks are not scored.
     Every rank evaluates its shard; the detections are gathered and every rank computes the
-    same AP (no rank-0-only evaluation, no idle workers).
+    same AP (no rank-0-only evaluation, no idle workers). ``on_detections`` receives the gathered
+    COCO result dicts (the final evaluation keeps them: :mod:`harness.evaluate.detections`).
     """
     label_to_cat = index.label_to_cat_id
     if class_names is not None:
@@ -179,6 +181,8 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
         dist.all_gather_object(gathered, dets)
         dets = [d for part in gathered for d in part]
     detector.train(was_training)
+    if on_detections is not None:
+        on_detections(dets)
     if protocol == "visdrone":
         from harness.evaluate.visdrone import evaluate_visdrone
         return evaluate_visdrone(index.gt, dets)
@@ -224,6 +228,8 @@ class StageJob:
     conditions: list[PreparedCondition] = field(default_factory=list)  # degraded test sets
     checkpoint: str | None = None
     checkpoint_classes: list[str] | None = None
+    #: Where rank 0 publishes the final evaluations' detections (a Storage; None: not kept).
+    detections: object | None = None
 
 
 @dataclass
@@ -331,21 +337,31 @@ def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageSt
     classes = job.checkpoint_classes
     common = dict(device=ctx.device, world_size=ctx.world_size, rank=ctx.rank, amp=job.schedule.amp)
     state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.protocol,
-                                        class_names=classes, **common)
+                                        class_names=classes, on_detections=_keeper(job, ctx, "clean", 0, final), **common)
     if not final:
         return state.last_eval
     if hasattr(getattr(detector, "backbone", None), "neck_name"):
         state.cost = detector_cost(detector, job.detector).as_metrics()
+    state.cost.update(inference_cost(detector, job.detector, ctx.device, amp=job.schedule.amp))
     for cond in job.conditions:  # degraded test sets: once, with the final model
         if cond.label in state.conditions:
             continue
         index = load_coco(cond.annotations, cond.images, check_images=False)
         names = classes or (ctx.class_names if cond.by_name else None)  # the training classes
-        state.conditions[cond.label] = evaluate_detector(detector, index, protocol=cond.protocol,
-                                                            class_names=names, **common)
+        state.conditions[cond.label] = evaluate_detector(detector, index, protocol=cond.protocol, class_names=names,
+                                                         on_detections=_keeper(job, ctx, cond.name, cond.severity, True),
+                                                         **common)
         if on_condition:
             on_condition(state)
     return state.last_eval
+
+
+def _keeper(job: StageJob, ctx: StageContext, condition: str, severity: int, final: bool):
+    """What keeps one final evaluation's detections: rank 0 publishes them (every rank has them all)."""
+    if not final or job.detections is None or ctx.rank != 0:
+        return None
+    from harness.evaluate.detections import condition_key, write_detections
+    return lambda dets: write_detections(job.detections, f"{condition_key(condition, severity)}.parquet", dets)
 
 
 def grouped_loader(dataset, train_index, per_worker: int, s: ScheduleSpec, *, seed: int, world_size: int,
@@ -430,6 +446,9 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
             t1 = time.perf_counter()
             on_epoch(state, model, resumable)
             record["time/report_s"] = time.perf_counter() - t1  # reporting + checkpoint cost
+    trained_s = sum(r.get("time/epoch_s", 0.0) for r in state.history)
+    if trained_s > 0:  # training throughput of the whole worker group, evaluation excluded
+        state.cost["cost/train_images_per_s"] = len(dataset) * len(state.history) / trained_s
     return state, model
 
 

@@ -1,6 +1,7 @@
 """The training loop without Ray: history, evaluation, resumable state, NaN handling."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,7 +29,27 @@ def test_two_epochs_history_and_eval(tiny_data):
     rec = state.history[-1]
     assert {"train/loss", "train/loss_classifier", "val/AP", "val/AP50", "time/epoch_s"} <= set(rec)
     assert set(state.last_eval) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert set(state.cost) == {"cost/params_M", "cost/neck_params_M", "cost/gflops", "cost/neck_gflops"}
+    assert set(state.cost) == {"cost/params_M", "cost/neck_params_M", "cost/gflops", "cost/neck_gflops",
+                               "cost/latency_ms", "cost/peak_mem_mb", "cost/train_images_per_s"}
+    assert state.cost["cost/latency_ms"] > 0 and state.cost["cost/peak_mem_mb"] > 10
+    assert state.cost["cost/train_images_per_s"] > 0
+
+
+def test_final_detections_are_kept_and_give_the_rows_ap(tiny_data, tmp_path):
+    """The kept detections re-evaluate to exactly the recorded AP (the bootstrap's premise)."""
+    from harness.data.loader import load_split
+    from harness.evaluate.coco import evaluate_coco
+    from harness.evaluate.detections import read_detections
+    from harness.storage import open_storage
+    storage = open_storage(tmp_path / "detections")
+    j = job(tiny_data, epochs=1)
+    j.detections = storage
+    state, _ = run_stage(j, device=torch.device("cpu"))
+    assert storage.list("") == ["clean.parquet"]  # only the final evaluation, clean only here
+    dets = read_detections(storage, "clean.parquet")
+    assert dets, "a trained detector on the tiny set detects something"
+    gt = load_split(j.dataset, "val", check_images=False).gt_for_eval()
+    np.testing.assert_equal(evaluate_coco(gt, dets), state.last_eval)  # NaN where there is no GT size
 
 
 def test_resume_from_state_skips_done_epochs(tiny_data):

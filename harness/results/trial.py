@@ -62,7 +62,8 @@ def rows_for_trial(run: "RunInfo", cell: "Cell", trial_id: str, outputs: dict[st
     rows = []
     for stage, out in outputs.items():
         detector = describe(cell.plugin.stage_detector(stage, cell.detector), cell.arch)
-        base = dict(common, stage=stage, detector=detector, restarts=int(out.resumes), node_id=out.node_id)
+        base = dict(common, stage=stage, detector=detector, restarts=int(out.resumes), node_id=out.node_id,
+                    device_s=_number(out.final.get("cost/device_s")) or 0.0)  # every worker's seconds, summed
         if out.artifact:  # a shared earlier stage: identified by what determines it
             base["config_hash"] = out.artifact[:16]
         for record in out.history:
