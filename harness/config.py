@@ -306,7 +306,7 @@ class LeaderboardSpec(Strict):
     seed: int = 0
 
 
-#: Live monitoring of a sweep (harness.loggers): TensorBoard event files per trial always;
+#: Live monitoring of a sweep (harness.loggers): TensorBoard event files per trial by default;
 #: MLflow and Weights & Biases when a suite names them.
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 

@@ -168,6 +168,8 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
         from harness.data.loader import load_split
         cells = eval_cells(cells, checked.path, checkpoint, method,
                            lambda d: load_split(d, "train", check_images=False).class_names)
+    from harness.loggers import check_loggers
+    check_loggers(suite.loggers, run_dir=out.uri)  # a logger that cannot work: refused before Ray starts
     init_ray(address)
     nodes = cluster_nodes()
     concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
@@ -197,7 +199,8 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     storage.write_json(RUN_FILE, {"run": run.to_dict(), "cells": [c.to_dict() for c in cells]})
     print(f"detbench: {len(cells)} cell(s), {count_trials(cells)} trial(s), up to {concurrency} at once; "
           f"run directory {storage.display()}")
-    return _sweep_and_report(storage, run, cells, concurrency, progress=progress, log_file=log_file)
+    return _sweep_and_report(storage, run, cells, concurrency, progress=progress, log_file=log_file,
+                             loggers=suite.loggers)
 
 
 def new_run_dir(storage: Storage) -> None:
@@ -277,6 +280,9 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     if run.run_dir != storage.uri:  # the run directory was moved or copied: it is where it is now
         run = replace(run, run_dir=storage.uri)
     storage = run.storage()
+    loggers = run_suite_settings(storage).loggers
+    from harness.loggers import check_loggers
+    check_loggers(loggers, run_dir=storage.uri)
     init_ray(address)
     concurrency = fit_or_refuse(run.resources, cluster_nodes(), storage.display(RUN_FILE))
     log_file = _driver_log(storage)
@@ -284,7 +290,18 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     print(f"detbench: resuming {storage.display()}" +
           (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
     return _sweep_and_report(storage, run, cells, concurrency, progress=progress, resume=True, retry=retry,
-                             log_file=log_file)
+                             log_file=log_file, loggers=loggers)
+
+
+def run_suite_settings(run_dir: str | Path | Storage) -> Suite:
+    """The suite a run was started with (the manifest's copy): its loggers, leaderboard settings and
+    methods' ``published`` keys. A run from before a field existed gets that field's default."""
+    try:
+        suite = open_storage(run_dir).read_json("manifest.json")["suite"]
+    except (FileNotFoundError, KeyError):
+        raise DetbenchError("not a detbench run directory (no manifest.json with its suite)",
+                            file=open_storage(run_dir).display()) from None
+    return Suite.model_validate(suite)
 
 
 def retire_failed(run_dir: str | Path | Storage, cells: list[Cell]) -> list[Cell]:
@@ -309,7 +326,8 @@ def retire_failed(run_dir: str | Path | Storage, cells: list[Cell]) -> list[Cell
 
 
 def _sweep_and_report(storage: Storage, run: RunInfo, cells: list[Cell], concurrency: int, *, progress: bool,
-                      resume: bool = False, retry: list[Cell] = (), log_file: Path | None = None) -> str:
+                      resume: bool = False, retry: list[Cell] = (), log_file: Path | None = None,
+                      loggers=("tensorboard",)) -> str:
     from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.progress import SweepProgress
     from harness.sweep import run_sweep
@@ -322,7 +340,8 @@ def _sweep_and_report(storage: Storage, run: RunInfo, cells: list[Cell], concurr
     bar.bar.update(len(store.trial_ids()) if resume else 0)
     t0 = time.time()
     try:
-        grids = run_sweep(cells, run, concurrency=concurrency, callbacks=[bar], resume=resume, retry=retry)
+        grids = run_sweep(cells, run, concurrency=concurrency, callbacks=[bar], resume=resume, retry=retry,
+                          loggers=loggers)
     finally:
         bar.close()
         if log_file is not None:

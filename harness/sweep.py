@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.config import ResourcesSpec
@@ -209,47 +210,55 @@ def _trial_dirname(trial) -> str:
 
 
 def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=(), resume: bool = False,
-              retry: list[Cell] = ()) -> list:
+              retry: list[Cell] = (), loggers: Sequence[str] = ("tensorboard",)) -> list:
     """Run every cell as a Tune trial; returns the ResultGrids.
 
     ``resume``: each experiment already started in the run directory is restored
     (``Tuner.restore(..., resume_errored=True)``) instead of started anew. ``retry``:
-    cells to run again in an experiment of their own (``retry<k>``).
+    cells to run again in an experiment of their own (``retry<k>``). ``loggers``: the suite's
+    live monitors (:mod:`harness.loggers`), fresh callbacks for each experiment, after ``callbacks``.
     """
     from ray import tune
 
     from harness.distributed import TRIAL_CPU, run_trial
+    from harness.loggers import check_loggers, logger_callbacks
 
+    check_loggers(loggers, run_dir=run.run_dir)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     fs, storage = run.storage().arrow("tune")
 
-    def fit(name: str, make_tuner, param_space: dict):
+    def monitored() -> list:
+        return [*callbacks, *logger_callbacks(loggers, run_dir=run.run_dir, suite_name=run.suite, run_id=run.run_id)]
+
+    def fit(name: str, make_tuner, param_space: dict, cbs: list):
         path = f"{storage}/{name}"
         if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space,
                                        storage_filesystem=fs)
             internal = getattr(tuner, "_local_tuner", None)  # this driver's progress, not the pickled one
             if internal is not None:
-                internal.get_run_config().callbacks = list(callbacks)
+                internal.get_run_config().callbacks = cbs
         else:
             tuner = make_tuner()
         return tuner.fit()
 
     def grid_tuner(name: str, group: list[Cell]):
         space = {"cell": tune.grid_search([c.to_dict() for c in group]), "run": run.to_dict()}
+        cbs = monitored()
         return fit(name, lambda: tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
-            run_config=_tune_run_config(name, run, callbacks)),
-            space)
+            run_config=_tune_run_config(name, run, cbs)),
+            space, cbs)
 
     grids = []
     plain = [c for c in cells if not c.search]
     if plain:
         grids.append(grid_tuner("cells", plain))
     for i, cell in enumerate(c for c in cells if c.search):
-        tuner, space = _search_tuner(trainable, cell, run, i, concurrency, callbacks)
-        grids.append(fit(f"search{i}", lambda: tuner, space))
+        cbs = monitored()
+        tuner, space, cbs = _search_tuner(trainable, cell, run, i, concurrency, cbs)
+        grids.append(fit(f"search{i}", lambda: tuner, space, cbs))  # a restored search publishes its journal too
     if retry:
         k = sum(1 for d in run.storage().list_dirs("tune") if d.startswith("retry"))
         grids.append(grid_tuner(f"retry{k}", list(retry)))
@@ -282,7 +291,7 @@ def _search_tuner(trainable, cell: Cell, run: RunInfo, i: int, concurrency: int,
                                     mode=s.mode, num_samples=s.num_samples,
                                     max_concurrent_trials=concurrency,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=_tune_run_config(f"search{i}", run, callbacks)), space
+        run_config=_tune_run_config(f"search{i}", run, callbacks)), space, callbacks
 
 
 def _publish_journal(storage, rel: str, journal: Path):
