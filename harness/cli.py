@@ -55,23 +55,45 @@ def cmd_cluster_info(args) -> int:
     return 0 if fits else 2
 
 
-def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
+def _run_outputs(args):
+    """Rebuild every output of a run directory (harness.report) with the CLI's bootstrap settings."""
+    from harness.report import run_settings, write_run_outputs
     from harness.results import ResultStore
     from harness.runner import open_run
     run_dir = open_run(args.run_dir)
-    path = write_leaderboard(run_dir, args.format)
-    print(format_for_terminal(ResultStore(run_dir).read(), baselines=run_baselines(run_dir)))
-    print(f"\nleaderboard: {path}")
+    df = ResultStore(run_dir).read()
+    if df.empty:
+        raise DetbenchError("the run has no result rows yet (no trial has finished): nothing to tabulate",
+                            file=run_dir.display())
+    spec = run_settings(run_dir).leaderboard
+    update = {k: v for k, v in (("bootstrap", args.bootstrap), ("ci", args.ci)) if v is not None}
+    if update:
+        from harness.config import LeaderboardSpec
+        spec = LeaderboardSpec.model_validate({**spec.model_dump(), **update})
+    return run_dir, df, write_run_outputs(run_dir, df=df, leaderboard=spec)
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import format_for_terminal, render_leaderboard
+    run_dir, df, outputs = _run_outputs(args)
+    if args.seeds_table:
+        from harness.leaderboard import final_rows
+        from harness.run_tables import seeds_table
+        from harness.tables import to_markdown
+        print(to_markdown(seeds_table(final_rows(df)[0])))
+    elif args.format == "md":
+        print(format_for_terminal(outputs.board))
+    else:
+        print(render_leaderboard(outputs.board, args.format))
+    for note in outputs.notes:
+        print(f"note: {note}")
+    print(f"\nleaderboard: {run_dir.display('leaderboard.md')}   report: {run_dir.display('report.html')}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from harness.report import write_report
-    from harness.results import ResultStore
-    from harness.runner import open_run
-    run_dir = open_run(args.run_dir)
-    for where in write_report(run_dir, ResultStore(run_dir).read()):
+    _, _, outputs = _run_outputs(args)
+    for where in outputs.written:
         print(where)
     return 0
 
@@ -205,12 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir")
     st.set_defaults(func=cmd_status)
 
-    lb = sub.add_parser("leaderboard", help="(re)build the leaderboard of a run directory")
-    lb.add_argument("run_dir")
-    lb.add_argument("--format", choices=("md", "csv", "html"), default="md")
+    lb = sub.add_parser("leaderboard", help="(re)build the leaderboard (and every table) of a run; print it")
+    rp = sub.add_parser("report", help="(re)build every output of a run (tables, plots, report.html); list them")
+    for tables in (lb, rp):
+        tables.add_argument("run_dir")
+        tables.add_argument("--bootstrap", type=int, metavar="B", help="resamples of the ΔAP interval "
+                            "(default: the suite's leaderboard.bootstrap, 1000; 0 = none)")
+        tables.add_argument("--ci", type=float, help="the interval's coverage (default 0.95)")
+    lb.add_argument("--format", choices=("md", "csv", "html", "tex"), default="md", help="what to print")
+    lb.add_argument("--seeds-table", action="store_true", help="print every cell's seed values instead")
     lb.set_defaults(func=cmd_leaderboard)
-    rp = sub.add_parser("report", help="(re)build robustness.md and the plots of a run directory")
-    rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

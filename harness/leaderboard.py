@@ -19,9 +19,10 @@ import pandas as pd
 from harness.config import row_label
 from harness.storage import Storage, open_storage
 from harness.results import ResultStore
+from harness.tables import Table
 
 SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to published numbers"
-FORMATS = {"md": "md", "csv": "csv", "html": "html"}
+FORMATS = {"md": "md", "csv": "csv", "html": "html", "tex": "tex"}
 EMPTY_MESSAGE = "No successful final evaluations yet"
 _EXTRA = ("seeds", "failed")  # trailing non-metric columns
 
@@ -39,19 +40,15 @@ def _fmt(values: np.ndarray, n_method: int) -> str:
     return s if len(v) == n_method else f"{s} (n={len(v)})"  # fewer seeds than the method's
 
 
-def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
-                      stage: str | None = None, baselines: dict[str, str] | None = None) -> pd.DataFrame:
-    """Methods x (dataset, condition, metric) table of "mean ± std" strings.
+def final_rows(df: pd.DataFrame, metrics=("AP", "AP50"), *, stage: str | None = None
+               ) -> tuple[pd.DataFrame, pd.Series]:
+    """The rows a leaderboard counts, labelled, and the failed trials per label.
 
-    Extra columns ("seeds", "", "") and ("failed", "", ""). Numeric
-    means/stds (percent) are in ``.attrs["mean"]`` / ``.attrs["std"]`` for
-    ranking; ``.attrs["smoke"]`` is True if any row is a smoke row. Rows are
-    sorted by the first metric column's mean, best first. A cell with fewer
-    seeds than its method has elsewhere gets an "(n=k)" suffix.
-    ``stage`` optionally restricts to one stage (e.g. only final retrains).
-    ``baselines`` maps a row label to the label it is compared with: a
-    "ΔAP vs baseline" column per (dataset, condition) gives the gain in AP
-    points and relative to the baseline.
+    Final evaluations only (``epoch`` null, split ``val``, status ``ok``) of ``metrics``,
+    with columns ``label`` (the row label: entry, and stage for multi-stage methods; one
+    label for a stage several entries share) and ``cond`` (``clean`` / ``fog@3``); a
+    re-run of the same seed supersedes the older one. The one definition of "what the
+    table shows" for the leaderboard, the seeds table, the intervals and ``compare``.
     """
     metrics = list(metrics)
     if stage is not None:
@@ -69,9 +66,32 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
                & df["metric"].isin(metrics)].copy()
     final["label"] = label[final.index]
     final["cond"] = [_condition(c, s) for c, s in zip(final["condition"], final["severity"])]
-    # A re-run of the same seed supersedes the older one.
     final = (final.sort_values("created_at", kind="stable")
              .drop_duplicates(["label", "dataset", "cond", "metric", "seed"], keep="last"))
+    return final, failed
+
+
+def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
+                      stage: str | None = None, baselines: dict[str, str] | None = None,
+                      intervals: dict | None = None, published: dict | None = None) -> pd.DataFrame:
+    """Methods x (dataset, condition, metric) table of "mean ± std" strings.
+
+    Extra columns ("seeds", "", "") and ("failed", "", ""). Numeric
+    means/stds (percent) are in ``.attrs["mean"]`` / ``.attrs["std"]`` for
+    ranking; ``.attrs["smoke"]`` is True if any row is a smoke row. Rows are
+    sorted by the first metric column's mean, best first. A cell with fewer
+    seeds than its method has elsewhere gets an "(n=k)" suffix.
+    ``stage`` optionally restricts to one stage (e.g. only final retrains).
+    ``baselines`` maps a row label to the label it is compared with: a
+    "ΔAP vs baseline" column per (dataset, condition) gives the gain in AP
+    points and relative to the baseline; ``intervals`` ((label, dataset, cond) ->
+    metric -> :class:`harness.evaluate.bootstrap.DeltaInterval`) adds its bootstrap
+    interval, marked † where it excludes 0. ``published`` (label ->
+    :class:`harness.published.PublishedRef`) adds the reference value and the
+    measured one's difference from it (never for smoke rows: not comparable).
+    """
+    metrics = list(metrics)
+    final, failed = final_rows(df, metrics, stage=stage)
     seeds = final.groupby("label")["seed"].nunique()
     labels = sorted(set(final["label"]) | set(failed.index))
 
@@ -96,20 +116,42 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
         order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
                                                 -np.nan_to_num(first[lab]), lab))
         mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
-    pairs = [(lab, _baseline_row(lab, baselines or {}, mean.index)) for lab in mean.index]
-    for lab, ref in ((lab, ref) for lab, ref in pairs if ref):  # gain over the method's baseline row
+    notes = []
+    for lab, ref in baseline_pairs(mean.index, baselines):  # gain over the method's baseline row
         for d, c, m in [col for col in cols if col[2] == metrics[0]]:
-            if lab in mean.index and ref in mean.index:
-                a, b = mean.loc[lab, (d, c, m)], mean.loc[ref, (d, c, m)]
-                if not (np.isnan(a) or np.isnan(b)):
-                    rel = f" ({(a - b) / b * 100:+.1f}%)" if b else ""
-                    text.loc[lab, (f"Δ{m} vs baseline", f"{d}/{c}", "")] = f"{a - b:+.1f}{rel} vs {ref}"
+            a, b = mean.loc[lab, (d, c, m)], mean.loc[ref, (d, c, m)]
+            if np.isnan(b) and not np.isnan(a):
+                notes.append(f"baseline {ref} of {lab} has no {m} on {d}/{c}: that gain is left empty")
+            if not (np.isnan(a) or np.isnan(b)):
+                rel = f" ({(a - b) / b * 100:+.1f}%)" if b else ""
+                iv = (intervals or {}).get((lab, d, c), {}).get(m)
+                ci = f" [{iv.low * 100:+.1f}, {iv.high * 100:+.1f}]{'†' if iv.excludes_zero else ''}" if iv else ""
+                text.loc[lab, (f"Δ{m} vs baseline", f"{d}/{c}", "")] = f"{a - b:+.1f}{rel}{ci} vs {ref}"
+    smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
+    if published and not smoke:
+        _add_published(text, mean, published)
     text = text.fillna("")
     text[("seeds", "", "")] = [int(seeds.get(lab, 0)) for lab in text.index]
     text[("failed", "", "")] = [int(failed.get(lab, 0)) for lab in text.index]
-    smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
-    text.attrs.update(mean=mean, std=std, smoke=smoke)
+    text.attrs.update(mean=mean, std=std, smoke=smoke, notes=notes)
     return text
+
+
+def baseline_pairs(rows, baselines: dict[str, str] | None) -> list[tuple[str, str]]:
+    """(row, its baseline row) for every row of ``rows`` that has a baseline among ``rows``."""
+    pairs = [(lab, _baseline_row(lab, baselines or {}, rows)) for lab in rows]
+    return [(lab, ref) for lab, ref in pairs if ref and ref in rows]
+
+
+def _add_published(text: pd.DataFrame, mean: pd.DataFrame, published: dict) -> None:
+    """"published" (the reference, with its metric and dataset) and "Δ vs published" columns."""
+    for lab, ref in published.items():
+        if lab not in text.index:
+            continue
+        text.loc[lab, ("published", "", "")] = f"{ref.value:.1f} ({ref.dataset} {ref.metric}, {ref.key})"
+        col = (ref.dataset, "clean", ref.metric)
+        if col in mean.columns and not np.isnan(mean.loc[lab, col]):
+            text.loc[lab, ("Δ vs published", "", "")] = f"{mean.loc[lab, col] - ref.value:+.1f}"
 
 
 def _shared_stage_aliases(done: pd.DataFrame, label: pd.Series) -> dict[str, str]:
@@ -195,6 +237,19 @@ def _table(board: pd.DataFrame, mark) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def leaderboard_table(board: pd.DataFrame, title: str = "Leaderboard") -> Table:
+    """The board as a :class:`harness.tables.Table` (LaTeX, report.html), best means bold."""
+    if len(board.columns) <= len(_EXTRA) or not len(board):
+        return Table("leaderboard", title, ("method",), ())
+    best = _best_mask(board)
+    head = ["method"] + [_header(c) for c in board.columns]
+    bold = {(i, j + 1) for i, lab in enumerate(board.index) for j, col in enumerate(board.columns)
+            if col in best.columns and bool(best.loc[lab, col])}
+    rows = tuple((lab, *(str(v) for v in row)) for lab, row in zip(board.index, board.itertuples(index=False)))
+    return Table("leaderboard", title, tuple(head), rows, frozenset(bold),
+                 note="AP in %, mean ± sample std over seeds; best per column bold.")
+
+
 def _empty_message(board: pd.DataFrame) -> str:
     n = int(board[("failed", "", "")].sum()) if ("failed", "", "") in board.columns else 0
     return EMPTY_MESSAGE + (f" ({n} failed trial{'s' if n != 1 else ''})" if n else "") + "."
@@ -207,7 +262,7 @@ def _is_rows(df: pd.DataFrame) -> bool:
 def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False,
                        title: str | None = None, metrics=("AP", "AP50"),
                        baselines: dict[str, str] | None = None) -> str:
-    """Render raw result rows (or a built board) as Markdown, CSV or HTML.
+    """Render raw result rows (or a built board) as Markdown, CSV, HTML or LaTeX (booktabs).
 
     Best mean per column: Markdown ``**bold**``, HTML ``<b>``, CSV trailing
     ``*``. A smoke run's output starts with :data:`SMOKE_BANNER` (also when
@@ -229,6 +284,11 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
             head, body = _table(board, lambda s: s + "*")
             w.writerows([head] + body)
         return buf.getvalue()
+    if fmt == "tex":
+        from harness.tables import latex_document
+        t = leaderboard_table(board, title or "Leaderboard")
+        return latex_document([t], smoke_note=SMOKE_BANNER if smoke else "") if t.rows else \
+            f"% {_empty_message(board)}\n"
     if fmt == "html":
         parts = [f'<p class="smoke"><b>{html.escape(SMOKE_BANNER)}</b></p>'] if smoke else []
         if title:

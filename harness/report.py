@@ -1,22 +1,34 @@
-"""Extra outputs of a run beside the leaderboard: robustness table and plots.
+"""Every output of a run beside its rows: leaderboards, tables, plots and ``report.html``.
 
-* ``robustness.md``: P (clean AP), mPC, rPC and per-family means per method and
-  dataset, when the run evaluated corruptions (COCO-C protocol).
-* ``plots/ap_vs_severity_*.png``: AP against severity per corruption family.
-* ``plots/curve_*.png``: per-epoch curves of method-specific statistics that
-  move during training (e.g. UMOP's gamma_ad / alpha_ad per FPN level).
+:func:`write_run_outputs` is the one entry point (the end of a sweep, ``detbench
+leaderboard`` and ``detbench report``): it reads the rows once, computes the bootstrap
+intervals once, and publishes each file whole (a reader never sees half a table):
+
+* ``leaderboard.md`` / ``.csv`` / ``.tex``: methods x (dataset, condition, metric), with the
+  gain over each row's baseline and its interval, and the published reference;
+* ``robustness.md``: P (clean AP), mPC, rPC and per-family means (COCO-C protocol);
+* ``tables.md`` + ``tables/*.csv`` (+ ``tables/README.md``, what every column is): seeds,
+  cost, per-class AP, error breakdown, gains with intervals;
+* ``plots/``: AP vs severity, learning curves, method curves (``Method.curves``), Pareto;
+* ``report.html``: all of it in one self-contained file (:mod:`harness.html_report`).
 """
 from __future__ import annotations
 
+import io
+import logging
 import math
 import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from harness.config import row_label
+from harness.config import LeaderboardSpec, Suite, method_label, row_label
 from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
 from harness.storage import Storage, open_storage
+from harness.tables import Table, latex_document, to_csv, to_markdown
+
+log = logging.getLogger(__name__)
 
 
 def declared_curves(methods) -> dict[str, tuple[str, set[str]]]:
@@ -34,34 +46,49 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:.1f}"
 
 
-def robustness_table(df: pd.DataFrame) -> str:
-    """Markdown P / mPC / rPC table, or '' when only clean was evaluated."""
+def robustness_rows(df: pd.DataFrame) -> Table | None:
+    """P / mPC / rPC per method and dataset, or None when only clean was evaluated."""
     if not (df["condition"] != "clean").any():
-        return ""
+        return None
     from harness.leaderboard import drop_shared_stage_duplicates
     rob = robustness_metrics(drop_shared_stage_duplicates(df))
     if rob.empty:
-        return ""
+        return None
     fams = [c for c in rob.columns if c.startswith("mPC_") and c != "mPC_all" and rob[c].notna().any()]
-    head = ["method", "dataset", "P", "mPC", "rPC %"] + [f.replace("mPC_", "") for f in fams]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # stage named for every entry of a multi-stage method (fctl[degraded_only] (corrective))
     multi = (rob.groupby(rob["method"].str.split("[").str[0])["stage"].transform("nunique") > 1
              if "stage" in rob.columns else None)
+    rows = []
     for i, r in rob.iterrows():
         rpc = "—" if pd.isna(r["rPC"]) else f"{r['rPC'] * 100:.1f}"
         name = r["method"] + (f" ({r['stage']})" if multi is not None and multi[i] else "")
-        lines.append("| " + " | ".join([name, r["dataset"], _fmt(r["P"]), _fmt(r["mPC"]), rpc]
-                                       + [_fmt(r[f]) for f in fams]) + " |")
-    note = ("\nmPC averages the COCO-C benchmark corruptions that ran "
-            "(AP in %, mean over seeds first); per-family columns include all corruptions run.\n")
-    return "## Robustness (P / mPC / rPC)\n\n" + "\n".join(lines) + "\n" + note
+        rows.append((name, r["dataset"], _fmt(r["P"]), _fmt(r["mPC"]), rpc, *(_fmt(r[f]) for f in fams)))
+    return Table("robustness", "Robustness (P / mPC / rPC)",
+                 ("method", "dataset", "P", "mPC", "rPC %", *(f.replace("mPC_", "") for f in fams)), tuple(rows),
+                 note="mPC averages the COCO-C benchmark corruptions that ran (AP in %, mean over seeds first); "
+                      "per-family columns include all corruptions run.",
+                 columns={"P": "clean AP (%)", "mPC": "mean AP over the benchmark corruptions (%)",
+                          "rPC %": "mPC / P"})
 
 
-def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+def robustness_table(df: pd.DataFrame) -> str:
+    """Markdown P / mPC / rPC table, or '' when only clean was evaluated."""
+    t = robustness_rows(df)
+    return to_markdown(t) if t else ""
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def plot_curves(df: pd.DataFrame) -> dict[str, bytes]:
+    """``curve_<prefix>.png``: the per-epoch statistics the run's methods declare; and
+    ``learning_curves.png``: training loss and validation AP per epoch, a line per row label."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    paths = []
+    out = {}
     curves = df[df["epoch"].notna() & (df["status"] == "ok")]
     for prefix, (title, methods) in declared_curves(sorted(set(curves["method"]))).items():
         sel = curves[curves["method"].isin(methods) & curves["metric"].str.startswith(prefix)]
@@ -76,29 +103,168 @@ def plot_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
                     label=f"{row_label(method, variant)} {metric[len(prefix):] or metric}")
         ax.set(xlabel="epoch", title=title + " (mean over seeds)")
         ax.legend(fontsize=7)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"curve_{prefix.strip('/').replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        paths.append(path)
-    return paths
+        out[f"curve_{prefix.strip('/').replace('/', '_')}.png"] = _png(fig)
+    panels = [m for m in ("train/loss", "val/AP") if (curves["metric"] == m).any()]
+    if panels:
+        fig = Figure(figsize=(5 * len(panels), 3.6))
+        FigureCanvasAgg(fig)
+        for k, metric in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), k + 1)
+            sel = curves[curves["metric"] == metric]
+            for (method, variant, stage, dataset), g in sel.groupby(["method", "variant", "stage", "dataset"]):
+                mean = g.groupby("epoch")["value"].mean()
+                ax.plot(mean.index.astype(int), mean.values, marker=".",
+                        label=f"{row_label(method, variant)} ({stage}) {dataset}")
+            ax.set(xlabel="epoch", title=f"{metric} (mean over seeds)")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        out["learning_curves.png"] = _png(fig)
+    return out
 
 
-def write_report(run_dir: str | Path | Storage, df: pd.DataFrame) -> list[str]:
-    """Write robustness.md and the plots into the run directory; return where they are.
+@dataclass
+class RunSettings:
+    """What of the run's suite the outputs need (from ``manifest.json``; defaults without one)."""
+    leaderboard: LeaderboardSpec = field(default_factory=LeaderboardSpec)
+    published: dict[str, str] = field(default_factory=dict)   # row label -> published.csv key
+    baselines: dict[str, str] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
 
-    Plots are drawn into a local folder (the run's own on POSIX, a temporary one
-    otherwise) and each file is then published whole to the run's storage.
-    """
+
+def run_settings(storage: Storage) -> RunSettings:
+    try:
+        manifest = storage.read_json("manifest.json")
+    except FileNotFoundError:
+        return RunSettings()
+    suite = Suite.model_validate(manifest["suite"]) if "suite" in manifest else None
+    return RunSettings(leaderboard=suite.leaderboard if suite else LeaderboardSpec(),
+                       published={method_label(m): m.published for m in suite.methods if m.published}
+                       if suite else {},
+                       baselines=manifest.get("baselines", {}), manifest=manifest)
+
+
+@dataclass
+class RunOutputs:
+    written: list[str]
+    board: pd.DataFrame
+    notes: list[str]
+
+
+def write_run_outputs(run_dir: str | Path | Storage, *, df: pd.DataFrame | None = None,
+                      leaderboard: LeaderboardSpec | None = None, html: bool = True) -> RunOutputs:
+    """Build and publish every output of the run (see the module docstring); returns what was written."""
+    from harness.leaderboard import baseline_pairs, build_leaderboard, final_rows
+    from harness import published
+    from harness.results import ResultStore
+    from harness.run_tables import (cost_table, detection_analyses, error_table, pareto_plots, per_class_tables,
+                                    seeds_table)
+    from harness.uncertainty import GroundTruth, bootstrap_intervals
+
     storage = open_storage(run_dir)
-    written = []
-    table = robustness_table(df)
-    if table:
-        storage.write_text("robustness.md", table)
-        written.append(storage.display("robustness.md"))
+    settings = run_settings(storage)
+    spec = leaderboard or settings.leaderboard
+    df = ResultStore(storage).read() if df is None else df
+    smoke = bool(df["smoke"].any()) if len(df) else False
+    refs = {}
+    if settings.published and not smoke:  # a bad published.csv stops here, before any file is written
+        table = published.load_published(published.DEFAULT)
+        refs = {lab: published.published_for(key, table) for lab, key in settings.published.items()}
+    final, _ = final_rows(df)
+    labels = sorted(set(final["label"]))
+    cells = _planned_cells(storage)
+    gts = GroundTruth(cells)
+    intervals = bootstrap_intervals(storage, final, baseline_pairs(labels, settings.baselines), cells, spec)
+    board = build_leaderboard(df, baselines=settings.baselines, intervals=intervals.by_cell, published=refs)
+    notes = list(board.attrs.get("notes", [])) + intervals.notes
+    written = _write_leaderboards(storage, board, intervals.legend(), notes)
+
+    tables = [t for t in [robustness_rows(df), seeds_table(final), cost_table(df), gains_table(intervals)] if t]
+    per_class, errors, more = detection_analyses(storage, final, gts) if not final.empty else (
+        pd.DataFrame(), pd.DataFrame(), [])
+    notes += more
+    tables += per_class_tables(per_class) + [t for t in [error_table(errors)] if t]
+    written += _write_tables(storage, tables, smoke)
+    plots = {**_severity_plots(df), **plot_curves(df), **pareto_plots(df, final)}
+    for name, png in plots.items():
+        storage.write_bytes(f"plots/{name}", png)
+        written.append(storage.display(f"plots/{name}"))
+    if html:
+        from harness.report_html import run_report
+        storage.write_text("report.html", run_report(storage, settings, board, tables, plots, notes, smoke))
+        written.append(storage.display("report.html"))
+    return RunOutputs(written, board, notes)
+
+
+def _planned_cells(storage: Storage) -> list:
+    from harness.records import Cell
+    try:
+        return [Cell.from_dict(c) for c in storage.read_json("run.json")["cells"]]
+    except (FileNotFoundError, KeyError):
+        return []
+
+
+def gains_table(intervals) -> Table | None:
+    """Every gain with a bootstrap interval, AP and AP50 (points)."""
+    if not intervals.by_cell:
+        return None
+    rows = []
+    for (lab, d, c), iv in sorted(intervals.by_cell.items()):
+        rows.append((lab, d, c, *(f"{iv[m].delta * 100:+.2f} [{iv[m].low * 100:+.2f}, {iv[m].high * 100:+.2f}]"
+                                  + ("†" if iv[m].excludes_zero else "") for m in ("AP", "AP50"))))
+    return Table("gains", "Gains over the baseline with bootstrap intervals (points)",
+                 ("method", "dataset", "condition", "ΔAP [interval]", "ΔAP50 [interval]"), tuple(rows),
+                 note=intervals.legend(), columns={"ΔAP [interval]": "AP(method) - AP(baseline), seeds pooled"})
+
+
+def _write_leaderboards(storage: Storage, board: pd.DataFrame, legend: str, notes: list[str]) -> list[str]:
+    from harness.leaderboard import SMOKE_BANNER, leaderboard_table, render_leaderboard
+    smoke = bool(board.attrs.get("smoke"))
+    tail = "\n".join([legend] * bool(legend) + [f"Note: {n}" for n in notes])
+    out = []
+    for fmt in ("md", "csv"):
+        text = render_leaderboard(board, fmt)
+        if tail and fmt == "md":
+            text += "\n" + tail + "\n"
+        storage.write_text(f"leaderboard.{fmt}", text)
+        out.append(storage.display(f"leaderboard.{fmt}"))
+    t = replace(leaderboard_table(board), note=legend)
+    storage.write_text("leaderboard.tex", latex_document([t], smoke_note=SMOKE_BANNER if smoke else ""))
+    out.append(storage.display("leaderboard.tex"))
+    return out
+
+
+def _write_tables(storage: Storage, tables: list[Table], smoke: bool) -> list[str]:
+    from harness.leaderboard import SMOKE_BANNER
+    banner = [SMOKE_BANNER] if smoke else []
+    md = ([SMOKE_BANNER, ""] if smoke else []) + [to_markdown(t) for t in tables]
+    storage.write_text("tables.md", "\n".join(md))
+    readme = ["# Columns of the CSV tables", "",
+              "Values in % (AP) or in the unit in the column name; '—' = not measured; a trailing * marks "
+              "the best value of its column.", ""]
+    for t in tables:
+        storage.write_text(f"tables/{t.name}.csv", to_csv(t, banner=banner))
+        readme += [f"## {t.name}.csv — {t.title}", ""] + [f"- `{h}`: {t.columns.get(h, _DEFAULT_COLUMNS.get(h, ''))}"
+                                                           for h in t.header] + [""]
+    storage.write_text("tables/README.md", "\n".join(readme))
+    return [storage.display("tables.md"), storage.display("tables/README.md")]
+
+
+_DEFAULT_COLUMNS = {"method": "the leaderboard's row label (entry[variant] (stage))", "dataset": "dataset name",
+                    "condition": "clean or corruption@severity", "metric": "COCO metric",
+                    "class": "category name", "mean": "mean over seeds (%)"}
+
+
+def _severity_plots(df: pd.DataFrame) -> dict[str, bytes]:
+    if robustness_rows(df) is None:
+        return {}
     with tempfile.TemporaryDirectory(prefix="detbench-plots-") as tmp:
-        plots = storage.local_path("plots") or Path(tmp)
-        files = (plot_ap_vs_severity(df, plots) if table else []) + plot_curves(df, plots)
-        for f in files:
-            storage.upload(f"plots/{Path(f).name}", Path(f))
-            written.append(storage.display(f"plots/{Path(f).name}"))
-    return written
+        return {Path(p).name: Path(p).read_bytes() for p in plot_ap_vs_severity(df, Path(tmp))}
+
+
+def write_report(run_dir: str | Path | Storage, df: pd.DataFrame | None = None) -> list[str]:
+    """``detbench report``: every output of the run; returns where each is."""
+    return write_run_outputs(run_dir, df=df).written
+
+
+__all__ = ["write_run_outputs", "write_report", "robustness_table", "robustness_rows", "plot_curves",
+           "run_settings", "RunSettings", "RunOutputs", "declared_curves"]

@@ -328,7 +328,6 @@ def retire_failed(run_dir: str | Path | Storage, cells: list[Cell]) -> list[Cell
 def _sweep_and_report(storage: Storage, run: RunInfo, cells: list[Cell], concurrency: int, *, progress: bool,
                       resume: bool = False, retry: list[Cell] = (), log_file: Path | None = None,
                       loggers=("tensorboard",)) -> str:
-    from harness.leaderboard import format_for_terminal, run_baselines, write_leaderboard
     from harness.progress import SweepProgress
     from harness.sweep import run_sweep
 
@@ -348,13 +347,16 @@ def _sweep_and_report(storage: Storage, run: RunInfo, cells: list[Cell], concurr
             _publish_log(storage, log_file)
     record_unfinished(grids, run, store)
     storage.write_json(DRIVER_FILE, {**driver, "finished": datetime.now(timezone.utc).isoformat()})
-    board = write_leaderboard(storage, "md")
-    write_leaderboard(storage, "csv")
+    from harness.leaderboard import format_for_terminal
+    from harness.report import robustness_table, write_run_outputs
     df = store.read()
-    print(format_for_terminal(df, baselines=run_baselines(storage)))
-    from harness.report import robustness_table, write_report
+    outputs = write_run_outputs(storage, df=df)
+    print(format_for_terminal(outputs.board))
     if robustness_table(df):
         print("\n" + robustness_table(df))
-    write_report(storage, df)
+    for note in outputs.notes:
+        print(f"note: {note}")
+    print(f"\nreport: {storage.display('report.html')}")
+    board = storage.display("leaderboard.md")
     print(f"\nwall time {time.time() - t0:.0f} s")
     return board
