@@ -79,8 +79,12 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA ``max_memory_allocated`` on a GPU, peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    try:  # VmHWM: getrusage's ru_maxrss carries a forking parent's high-water mark over fork + exec
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 def inference_cost(detector: nn.Module, spec: DetectorSpec, device: torch.device, *, amp: bool = False,

@@ -116,7 +116,8 @@ def plot_curves(df: pd.DataFrame) -> dict[str, bytes]:
                 ax.plot(mean.index.astype(int), mean.values, marker=".",
                         label=f"{row_label(method, variant)} ({stage}) {dataset}")
             ax.set(xlabel="epoch", title=f"{metric} (mean over seeds)")
-            ax.legend(fontsize=6)
+            if len(ax.lines) <= 12:  # beyond that a legend hides the curves; report.html's tables name them
+                ax.legend(fontsize=6)
         fig.tight_layout()
         out["learning_curves.png"] = _png(fig)
     return out

@@ -114,7 +114,7 @@ def _clean_trials(final: pd.DataFrame):
 
 def detection_analyses(storage, final: pd.DataFrame, gts) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(per-class long frame, error frame, notes) from the kept clean-set detections."""
-    per_class, errors, notes = [], [], []
+    per_class, errors, notes, missing = [], [], [], []
     for (lab, dataset), trials in _clean_trials(final).items():
         gt, why = gts.get(dataset, "clean")
         if gt is None:
@@ -124,7 +124,7 @@ def detection_analyses(storage, final: pd.DataFrame, gts) -> tuple[pd.DataFrame,
             try:
                 dets = read_detections(storage, detections_rel(t.trial_id, t.stage))
             except FileNotFoundError:
-                notes.append(f"no detections kept for trial {t.trial_id} ({lab}, {dataset})")
+                missing.append(t.trial_id)
                 continue
             for c in per_class_ap(gt, dets):
                 per_class.append(dict(label=lab, dataset=dataset, seed=t.seed, category=c.name,
@@ -133,6 +133,9 @@ def detection_analyses(storage, final: pd.DataFrame, gts) -> tuple[pd.DataFrame,
             errors.append(dict(label=lab, dataset=dataset, seed=t.seed, AP50=e.ap50,
                                **{f"d_{k}": e.delta[k] for k in ERROR_TYPES},
                                **{f"n_{k}": e.counts[k] for k in ERROR_TYPES}))
+    if missing:
+        from harness.uncertainty import missing_detections_note
+        notes.append(missing_detections_note(missing, "no per-class or error rows for them"))
     return pd.DataFrame(per_class), pd.DataFrame(errors), list(dict.fromkeys(notes))
 
 

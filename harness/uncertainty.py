@@ -18,7 +18,6 @@ that have a baseline.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -26,9 +25,6 @@ import pandas as pd
 from harness.config import LeaderboardSpec
 from harness.evaluate.bootstrap import DeltaInterval, Matches, match_detections, paired_bootstrap
 from harness.evaluate.detections import detections_rel, read_detections
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Intervals:
@@ -94,6 +90,7 @@ def bootstrap_intervals(storage, final: pd.DataFrame, pairs: list[tuple[str, str
         return out
     gts = GroundTruth(cells)
     matched: dict[tuple, Matches | None] = {}
+    missing: list[str] = []
 
     def side(label: str, dataset: str, cond: str) -> list[Matches] | None:
         rows = final[(final["label"] == label) & (final["dataset"] == dataset) & (final["cond"] == cond)]
@@ -112,8 +109,7 @@ def bootstrap_intervals(storage, final: pd.DataFrame, pairs: list[tuple[str, str
                     dets = read_detections(storage, detections_rel(*key))
                     matched[key] = match_detections(gt, dets)
                 except FileNotFoundError:
-                    out.note(f"no detections kept for trial {t.trial_id} ({label}, {dataset}/{cond}): "
-                             "a run from before they were kept, or a stage reused from the artifact store")
+                    missing.append(t.trial_id)
                     matched[key] = None
             if matched[key] is None:
                 return None
@@ -127,9 +123,16 @@ def bootstrap_intervals(storage, final: pd.DataFrame, pairs: list[tuple[str, str
             if mine and theirs:
                 out.by_cell[(lab, dataset, cond)] = paired_bootstrap(
                     mine, theirs, resamples=spec.bootstrap, seed=spec.seed, ci=spec.ci)
-    for n in out.notes:
-        log.warning("bootstrap: %s", n)
+    if missing:
+        out.note(missing_detections_note(missing, "those gains have no interval"))
     return out
 
 
-__all__ = ["Intervals", "GroundTruth", "bootstrap_intervals"]
+def missing_detections_note(trial_ids: list[str], consequence: str) -> str:
+    """One line for every trial whose detections are not in the run directory."""
+    ids = list(dict.fromkeys(trial_ids))
+    return (f"no detections kept for {len(ids)} trial(s) ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): "
+            f"a run from before they were kept, or a stage reused from the artifact store; {consequence}")
+
+
+__all__ = ["missing_detections_note", "Intervals", "GroundTruth", "bootstrap_intervals"]
