@@ -98,6 +98,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from harness.compare import compare_runs, format_comparison, write_comparison
+    comparison = compare_runs(args.run_a, args.run_b, bootstrap=args.bootstrap, ci=args.ci)
+    text = format_comparison(comparison)
+    print(text, end="")
+    if args.out:
+        print(f"\ncomparison: {write_comparison(text, args.out)}")
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from harness.data.synthetic import write_synthetic_coco
     if args.format != "coco":
@@ -238,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--seeds-table", action="store_true", help="print every cell's seed values instead")
     lb.set_defaults(func=cmd_leaderboard)
     rp.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser("compare", help="two runs' shared cells side by side: ΔAP (B - A) with its paired "
+                         "bootstrap interval, the cells only one has, and what differs (configs, versions, git SHA)")
+    cmp.add_argument("run_a", help="run directory A (the reference)")
+    cmp.add_argument("run_b", help="run directory B (compared with A)")
+    cmp.add_argument("--bootstrap", type=int, metavar="B", help="resamples of the ΔAP interval "
+                     "(default: run A's leaderboard.bootstrap; 0 = none)")
+    cmp.add_argument("--ci", type=float, help="the interval's coverage (default: run A's leaderboard.ci)")
+    cmp.add_argument("--out", metavar="FILE", default=None, help="also write the Markdown to FILE "
+                     "(a path or s3://BUCKET/KEY; published whole)")
+    cmp.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = d.add_parser("synth", help="write a synthetic dataset in real COCO format")
