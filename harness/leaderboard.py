@@ -62,6 +62,7 @@ def final_rows(df: pd.DataFrame, metrics=("AP", "AP50"), *, stage: str | None = 
     label = label.replace(_shared_stage_aliases(df[done], label[done]))
     failed = (df[df["status"] == "failed"].assign(label=label)
               .groupby("label")["trial_id"].nunique())
+    failed = failed[failed > 0]  # a label with no failure is no row of its own (e.g. a stage that never evaluates)
     final = df[df["epoch"].isna() & (df["split"] == "val") & (df["status"] == "ok")
                & df["metric"].isin(metrics)].copy()
     final["label"] = label[final.index]
