@@ -211,3 +211,34 @@ def test_robustness_table_shows_a_shared_stage_once():
     text = robustness_table(pd.DataFrame(rows))
     names = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| fctl")]
     assert sorted(names) == ["fctl (corrective)", "fctl (ideal)", "fctl[degraded_only] (corrective)"]
+
+
+def test_baseline_without_rows_on_a_dataset_leaves_an_empty_gain_and_a_note():
+    import pandas as pd
+    rows = [_final_row("umop", 0, 0.33), {**_final_row("umop", 0, 0.20), "dataset": "e", "trial_id": "u-e"},
+            _final_row("focal", 0, 0.30)]  # focal (the baseline) never ran on dataset "e"
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), baselines={"umop": "focal"})
+    assert board.loc["umop", ("ΔAP vs baseline", "d/clean", "")].startswith("+3.0")
+    assert ("ΔAP vs baseline", "e/clean", "") not in board.columns or \
+        board.loc["umop", ("ΔAP vs baseline", "e/clean", "")] == ""
+    assert board.attrs["notes"] == ["baseline focal of umop has no AP on e/clean: that gain is left empty"]
+
+
+def test_published_column_never_on_smoke_rows():
+    import pandas as pd
+
+    from harness.published import load_published
+    ref = load_published()["tv_retinanet_r50_fpn_v1"]
+    rows = [{**_final_row("focal", 0, 0.30), "dataset": "coco"}]
+    board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), published={"focal": ref})
+    assert board.loc["focal", ("published", "", "")].startswith("36.4")
+    assert board.loc["focal", ("Δ vs published", "", "")] == "-6.4"
+    smoke = build_leaderboard(pd.DataFrame([{**r, "smoke": True} for r in rows]), metrics=("AP",),
+                              published={"focal": ref})
+    assert ("published", "", "") not in smoke.columns
+
+
+def test_latex_leaderboard_is_booktabs_with_grouped_headers(store):
+    tex = render_leaderboard(store.read(), "tex")
+    assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"\multicolumn{2}{c}{voc/clean}" in tex and r"\textbf{55.5 $\pm$ 0.7}" in tex
