@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import row_label
+from harness.evaluate.detections import condition_key
 from harness.storage import Storage, open_storage
 from harness.results import ResultStore
 from harness.tables import Table
@@ -25,10 +26,6 @@ SMOKE_BANNER = "SMOKE RUN (tiny synthetic settings) — not comparable to publis
 FORMATS = {"md": "md", "csv": "csv", "html": "html", "tex": "tex"}
 EMPTY_MESSAGE = "No successful final evaluations yet"
 _EXTRA = ("seeds", "failed")  # trailing non-metric columns
-
-
-def _condition(condition: str, severity: int) -> str:
-    return "clean" if condition == "clean" else f"{condition}@{int(severity)}"
 
 
 def _fmt(values: np.ndarray, n_method: int) -> str:
@@ -66,7 +63,7 @@ def final_rows(df: pd.DataFrame, metrics=("AP", "AP50"), *, stage: str | None = 
     final = df[df["epoch"].isna() & (df["split"] == "val") & (df["status"] == "ok")
                & df["metric"].isin(metrics)].copy()
     final["label"] = label[final.index]
-    final["cond"] = [_condition(c, s) for c, s in zip(final["condition"], final["severity"])]
+    final["cond"] = [condition_key(c, s) for c, s in zip(final["condition"], final["severity"])]
     final = (final.sort_values("created_at", kind="stable")
              .drop_duplicates(["label", "dataset", "cond", "metric", "seed"], keep="last"))
     return final, failed
@@ -327,22 +324,16 @@ def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),
     return prefix + flat.to_string()
 
 
-def run_baselines(run_dir: str | Path | Storage) -> dict[str, str]:
-    """``label -> baseline label`` recorded in the run's manifest (from the suite's ``baseline:``)."""
-    try:
-        return open_storage(run_dir).read_json("manifest.json").get("baselines", {})
-    except FileNotFoundError:
-        return {}
-
-
 def write_leaderboard(run_dir: str | Path | Storage, fmt: str = "md", *, metrics=("AP", "AP50"),
                       title: str | None = None) -> str:
     """Render the run's leaderboard to ``leaderboard.<fmt>`` of the run directory, published whole;
-    returns where it is (a path or a URI)."""
+    returns where it is (a path or a URI). Rows only, no intervals or published column: every
+    output of a run together is :func:`harness.report.write_run_outputs`."""
+    from harness.report import run_settings
     storage = open_storage(run_dir)
     df = ResultStore(storage).read()
     text = render_leaderboard(df, fmt, smoke=bool(df["smoke"].any()), title=title, metrics=metrics,
-                              baselines=run_baselines(storage))
+                              baselines=run_settings(storage).baselines)
     rel = f"leaderboard.{FORMATS[fmt]}"
     storage.write_text(rel, text)
     return storage.display(rel)

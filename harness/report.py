@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+from pydantic import ValidationError
 
 from harness.config import LeaderboardSpec, Suite, method_label, row_label
 from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
@@ -137,7 +138,11 @@ def run_settings(storage: Storage) -> RunSettings:
         manifest = storage.read_json("manifest.json")
     except FileNotFoundError:
         return RunSettings()
-    suite = Suite.model_validate(manifest["suite"]) if "suite" in manifest else None
+    try:
+        suite = Suite.model_validate(manifest["suite"]) if "suite" in manifest else None
+    except ValidationError:  # a manifest written by another detbench version: its baselines still count
+        log.warning("manifest.json's suite does not validate with this version; leaderboard defaults used")
+        suite = None
     return RunSettings(leaderboard=suite.leaderboard if suite else LeaderboardSpec(),
                        published={method_label(m): m.published for m in suite.methods if m.published}
                        if suite else {},
@@ -197,10 +202,12 @@ def write_run_outputs(run_dir: str | Path | Storage, *, df: pd.DataFrame | None 
 
 
 def _planned_cells(storage: Storage) -> list:
-    from harness.records import Cell
+    """The run's planned cells (their test sets' ground truth); none for a directory without run.json."""
+    from harness.errors import DetbenchError
+    from harness.runner import load_run
     try:
-        return [Cell.from_dict(c) for c in storage.read_json("run.json")["cells"]]
-    except (FileNotFoundError, KeyError):
+        return load_run(storage)[1]
+    except DetbenchError:
         return []
 
 

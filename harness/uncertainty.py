@@ -24,7 +24,7 @@ import pandas as pd
 
 from harness.config import LeaderboardSpec
 from harness.evaluate.bootstrap import DeltaInterval, Matches, match_detections, paired_bootstrap
-from harness.evaluate.detections import detections_rel, read_detections
+from harness.evaluate.detections import condition_key, detections_rel, read_detections
 
 @dataclass
 class Intervals:
@@ -54,8 +54,8 @@ class GroundTruth:
             d = c.dataset
             self._where[(d.name, "clean")] = (d.val_annotations, d.val_images, d.protocol)
             for cond in c.conditions:
-                key = "clean" if cond.name == "clean" else f"{cond.name}@{int(cond.severity)}"
-                self._where[(d.name, key)] = (cond.annotations, cond.images, cond.protocol)
+                self._where[(d.name, condition_key(cond.name, cond.severity))] = (
+                    cond.annotations, cond.images, cond.protocol)
         self._loaded: dict[tuple[str, str], dict] = {}
 
     def get(self, dataset: str, cond: str) -> tuple[dict | None, str]:

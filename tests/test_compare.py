@@ -18,7 +18,7 @@ from harness.evaluate.detections import detections_rel, write_detections
 from harness.results import ResultRow, ResultStore
 from harness.runner import prepare_suite
 from harness.storage import open_storage
-from test_report import _detections
+from test_report import _detections, run_info
 
 SUITE = """
 name: {name}
@@ -47,7 +47,7 @@ def make_run(root, name: str, ann, noise: dict[str, float], *, det_seed: int, co
     storage.write_json("manifest.json", {"suite": checked.suite.model_dump(), "baselines": {},
                                          "git_sha": git_sha, "versions": versions, "seeds": [0, 1],
                                          "storage": {"uri": str(root / name), "endpoint_url": "http://secret"}})
-    storage.write_json("run.json", {"run": {}, "cells": [c.to_dict() for c in checked.cells]})
+    storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": [c.to_dict() for c in checked.cells]})
     gt = load_coco(ann, ann.parent, check_images=False).gt_for_eval()
     store = ResultStore(storage)
     for cell in checked.cells:
@@ -152,7 +152,7 @@ def test_different_test_images_give_no_interval(runs):
 def test_no_shared_cells_is_an_answer(runs, tmp_path, capsys):
     from harness.cli import main
     storage = open_storage(tmp_path / "elsewhere")
-    storage.write_json("run.json", {"run": {}, "cells": []})
+    storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": []})
     common = dict(run_id="e", suite="other-suite", trial_id="t0", cell="c0", method="faster_rcnn", stage="train",
                   dataset="voc", seed=0, config_hash="h", config_json="{}", detector="d", wall_s=1.0, status="ok")
     ResultStore(storage).write_trial("t0", [ResultRow(**common, metric="AP", value=0.5)])

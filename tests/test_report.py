@@ -40,6 +40,13 @@ leaderboard: {{bootstrap: 200, ci: 0.9}}
 NOISE = {"faster_rcnn": 0.35, "focal": 0.05}  # box jitter in box sizes: focal is clearly better here
 
 
+def run_info(storage) -> RunInfo:
+    """The ``run`` record of a run directory written by these tests (no Ray: its resources are unused)."""
+    from harness.config import ResourcesSpec
+    return RunInfo(run_dir=storage.uri, run_id="r", suite="report-test", smoke=False, resources=ResourcesSpec(),
+                   versions_json="{}", git_sha="abc123")
+
+
 def _detections(gt: dict, noise: float, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     dets = []
@@ -67,7 +74,7 @@ def run_dir(tmp_path_factory):
     storage.upload("suite.yaml", suite)
     storage.write_json("manifest.json", {"suite": checked.suite.model_dump(), "baselines": {"focal": "faster_rcnn"},
                                          "git_sha": "abc123", "versions": {"torch": "2.14.1"}, "seeds": [0, 1]})
-    storage.write_json("run.json", {"run": {}, "cells": [c.to_dict() for c in checked.cells]})
+    storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": [c.to_dict() for c in checked.cells]})
     gt = load_coco(ann, ann.parent, check_images=False).gt_for_eval()
     store = ResultStore(storage)
     for cell in checked.cells:
@@ -169,7 +176,7 @@ def test_report_html_in_a_real_browser(run_dir):
 def test_a_run_without_rows_is_refused(tmp_path):
     from harness.cli import main
     storage = open_storage(tmp_path / "run")
-    storage.write_json("run.json", {"run": RunInfo.__name__, "cells": []})
+    storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": []})
     storage.write_json("manifest.json", {})
     assert main(["leaderboard", str(tmp_path / "run")]) == 2
     assert not storage.exists("leaderboard.md")
