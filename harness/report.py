@@ -184,7 +184,11 @@ def write_run_outputs(run_dir: str | Path | Storage, *, df: pd.DataFrame | None 
     notes = list(board.attrs.get("notes", [])) + intervals.notes
     written = _write_leaderboards(storage, board, intervals.legend(), notes)
 
-    tables = [t for t in [robustness_rows(df), seeds_table(final), cost_table(df), gains_table(intervals)] if t]
+    robustness = robustness_rows(df)
+    if robustness:
+        storage.write_text("robustness.md", to_markdown(robustness))
+        written.append(storage.display("robustness.md"))
+    tables = [t for t in [robustness, seeds_table(final), cost_table(df), gains_table(intervals)] if t]
     per_class, errors, more = detection_analyses(storage, final, gts) if not final.empty else (
         pd.DataFrame(), pd.DataFrame(), [])
     notes += more
