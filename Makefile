@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.detbench-installed
 PYTHON  ?= python3
 
-.PHONY: install browser demo test test-fast test-signal bench lock clean
+.PHONY: install browser demo test test-extended test-fast test-signal bench lock clean
 
 install: $(STAMP)
 
@@ -24,8 +24,13 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/detbench run suites/smoke.yaml
 
+# Every test but the extended scenarios (~15 min on 2 cores); CI (.ci/run) runs test-extended after it.
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not extended and not signal"
+
+# Killed drivers and workers, a multi-node cluster, the reference recipe, a run on S3 (~25 min).
+test-extended: $(STAMP) browser
+	$(PY) -m pytest -q -m "extended and not signal"
 
 # The edit-test loop: everything but the tests that start Ray clusters or detbench drivers.
 test-fast: $(STAMP) browser
