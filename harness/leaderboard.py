@@ -9,6 +9,7 @@ never silently dropped.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import html
 import io
 from pathlib import Path
@@ -259,12 +260,13 @@ def _is_rows(df: pd.DataFrame) -> bool:
 
 def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False,
                        title: str | None = None, metrics=("AP", "AP50"),
-                       baselines: dict[str, str] | None = None) -> str:
+                       baselines: dict[str, str] | None = None, footer: str = "") -> str:
     """Render raw result rows (or a built board) as Markdown, CSV, HTML or LaTeX (booktabs).
 
     Best mean per column: Markdown ``**bold**``, HTML ``<b>``, CSV trailing
     ``*``. A smoke run's output starts with :data:`SMOKE_BANNER` (also when
-    ``smoke`` is False but the rows themselves are smoke rows).
+    ``smoke`` is False but the rows themselves are smoke rows). ``footer`` (the interval
+    legend, notes) goes under a Markdown table and into the LaTeX table's note.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown leaderboard format {fmt!r}; expected one of {list(FORMATS)}")
@@ -285,6 +287,8 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
     if fmt == "tex":
         from harness.tables import latex_document
         t = leaderboard_table(board, title or "Leaderboard")
+        if footer:
+            t = replace(t, note=f"{t.note} {footer}".strip())
         return latex_document([t], smoke_note=SMOKE_BANNER if smoke else "") if t.rows else \
             f"% {_empty_message(board)}\n"
     if fmt == "html":
@@ -305,11 +309,12 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
     if title:
         lines += [f"# {title}", ""]
     if not has_cells:
-        return "\n".join(lines + [_empty_message(board)]) + "\n"
-    head, body = _table(board, lambda s: f"**{s}**")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
+        lines.append(_empty_message(board))
+    else:
+        head, body = _table(board, lambda s: f"**{s}**")
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+    return "\n".join(lines + (["", footer] if footer else [])) + "\n"
 
 
 def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),

@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from harness.config import LeaderboardSpec, Suite, method_label, row_label
 from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
 from harness.storage import Storage, open_storage
-from harness.tables import Table, latex_document, to_csv, to_markdown
+from harness.tables import Table, to_csv, to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def robustness_table(df: pd.DataFrame) -> str:
     return to_markdown(t) if t else ""
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (published whole, embedded in report.html)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -104,7 +105,7 @@ def plot_curves(df: pd.DataFrame) -> dict[str, bytes]:
                     label=f"{row_label(method, variant)} {metric[len(prefix):] or metric}")
         ax.set(xlabel="epoch", title=title + " (mean over seeds)")
         ax.legend(fontsize=7)
-        out[f"curve_{prefix.strip('/').replace('/', '_')}.png"] = _png(fig)
+        out[f"curve_{prefix.strip('/').replace('/', '_')}.png"] = figure_png(fig)
     panels = [m for m in ("train/loss", "val/AP") if (curves["metric"] == m).any()]
     if panels:
         fig = Figure(figsize=(5 * len(panels), 3.6))
@@ -120,7 +121,7 @@ def plot_curves(df: pd.DataFrame) -> dict[str, bytes]:
             if len(ax.lines) <= 12:  # beyond that a legend hides the curves; report.html's tables name them
                 ax.legend(fontsize=6)
         fig.tight_layout()
-        out["learning_curves.png"] = _png(fig)
+        out["learning_curves.png"] = figure_png(fig)
     return out
 
 
@@ -130,6 +131,7 @@ class RunSettings:
     leaderboard: LeaderboardSpec = field(default_factory=LeaderboardSpec)
     published: dict[str, str] = field(default_factory=dict)   # row label -> published.csv key
     baselines: dict[str, str] = field(default_factory=dict)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # what a resumed sweep feeds
     manifest: dict = field(default_factory=dict)
 
 
@@ -146,7 +148,8 @@ def run_settings(storage: Storage) -> RunSettings:
     return RunSettings(leaderboard=suite.leaderboard if suite else LeaderboardSpec(),
                        published={method_label(m): m.published for m in suite.methods if m.published}
                        if suite else {},
-                       baselines=manifest.get("baselines", {}), manifest=manifest)
+                       baselines=manifest.get("baselines", {}),
+                       loggers=list(suite.loggers) if suite else ["tensorboard"], manifest=manifest)
 
 
 @dataclass
@@ -229,19 +232,12 @@ def gains_table(intervals) -> Table | None:
 
 
 def _write_leaderboards(storage: Storage, board: pd.DataFrame, legend: str, notes: list[str]) -> list[str]:
-    from harness.leaderboard import SMOKE_BANNER, leaderboard_table, render_leaderboard
-    smoke = bool(board.attrs.get("smoke"))
-    tail = "\n".join([legend] * bool(legend) + [f"Note: {n}" for n in notes])
+    from harness.leaderboard import render_leaderboard
+    footers = {"md": "\n".join([legend] * bool(legend) + [f"Note: {n}" for n in notes]), "csv": "", "tex": legend}
     out = []
-    for fmt in ("md", "csv"):
-        text = render_leaderboard(board, fmt)
-        if tail and fmt == "md":
-            text += "\n" + tail + "\n"
-        storage.write_text(f"leaderboard.{fmt}", text)
+    for fmt, footer in footers.items():
+        storage.write_text(f"leaderboard.{fmt}", render_leaderboard(board, fmt, footer=footer))
         out.append(storage.display(f"leaderboard.{fmt}"))
-    t = replace(leaderboard_table(board), note=legend)
-    storage.write_text("leaderboard.tex", latex_document([t], smoke_note=SMOKE_BANNER if smoke else ""))
-    out.append(storage.display("leaderboard.tex"))
     return out
 
 

@@ -9,7 +9,6 @@ covers them; the CSVs are long-format, so nothing stops adding them. Means are o
 """
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 
 import numpy as np
@@ -72,6 +71,8 @@ def pareto_plots(df: pd.DataFrame, final: pd.DataFrame) -> dict[str, bytes]:
     """``pareto_<dataset>.png`` -> PNG: clean AP against each cost, the Pareto front drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from harness.report import figure_png
     costs = cost_frame(df)
     ap = final[(final["metric"] == "AP") & (final["cond"] == "clean")].groupby(["label", "dataset"])["value"].mean()
     out = {}
@@ -100,9 +101,7 @@ def pareto_plots(df: pd.DataFrame, final: pd.DataFrame) -> dict[str, bytes]:
             ax.set(xlabel=COST_METRICS[m][0], ylabel="clean AP (%)" if k == 0 else "")
         fig.suptitle(f"{dataset}: AP vs cost (Pareto front: black)", fontsize=9)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        out[f"pareto_{dataset}.png"] = buf.getvalue()
+        out[f"pareto_{dataset}.png"] = figure_png(fig)
     return out
 
 

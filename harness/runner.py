@@ -280,8 +280,9 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
     if run.run_dir != storage.uri:  # the run directory was moved or copied: it is where it is now
         run = replace(run, run_dir=storage.uri)
     storage = run.storage()
-    loggers = run_suite_settings(storage).loggers
     from harness.loggers import check_loggers
+    from harness.report import run_settings
+    loggers = run_settings(storage).loggers  # the suite's, from the run's manifest
     check_loggers(loggers, run_dir=storage.uri)
     init_ray(address)
     concurrency = fit_or_refuse(run.resources, cluster_nodes(), storage.display(RUN_FILE))
@@ -291,17 +292,6 @@ def resume_run(run_dir: str | Path, *, address: str | None = None, progress: boo
           (f"; retrying {len(retry)} failed cell(s)" if retry_failed else ""))
     return _sweep_and_report(storage, run, cells, concurrency, progress=progress, resume=True, retry=retry,
                              log_file=log_file, loggers=loggers)
-
-
-def run_suite_settings(run_dir: str | Path | Storage) -> Suite:
-    """The suite a run was started with (the manifest's copy): its loggers, leaderboard settings and
-    methods' ``published`` keys. A run from before a field existed gets that field's default."""
-    try:
-        suite = open_storage(run_dir).read_json("manifest.json")["suite"]
-    except (FileNotFoundError, KeyError):
-        raise DetbenchError("not a detbench run directory (no manifest.json with its suite)",
-                            file=open_storage(run_dir).display()) from None
-    return Suite.model_validate(suite)
 
 
 def retire_failed(run_dir: str | Path | Storage, cells: list[Cell]) -> list[Cell]:
