@@ -18,21 +18,7 @@ from harness.evaluate.detections import detections_rel, write_detections
 from harness.results import ResultRow, ResultStore
 from harness.runner import prepare_suite
 from harness.storage import open_storage
-from test_report import _detections, run_info
-
-SUITE = """
-name: {name}
-datasets:
-  - name: shapes
-    format: coco
-    train: {{annotations: {ann}, images: {img}}}
-    val: {{annotations: {ann}, images: {img}}}
-detector: {{fpn_width: 16, image_size: 64}}
-methods:
-{methods}
-seeds: [0, 1]
-leaderboard: {{bootstrap: 200, ci: 0.9}}
-"""
+from test_report import SUITE, _detections, run_info
 
 
 def make_run(root, name: str, ann, noise: dict[str, float], *, det_seed: int, config: dict | None = None,

@@ -21,8 +21,9 @@ from harness.results import ResultRow, ResultStore
 from harness.runner import prepare_suite
 from harness.storage import open_storage
 
+#: A suite over one COCO-format set (``str.format``: name, methods, ann, img); test_compare's too.
 SUITE = """
-name: report-test
+name: {name}
 datasets:
   - name: shapes
     format: coco
@@ -30,13 +31,15 @@ datasets:
     val: {{annotations: {ann}, images: {img}}}
 detector: {{fpn_width: 16, image_size: 64}}
 methods:
-  - name: faster_rcnn
-  - name: focal
-    baseline: faster_rcnn
-    published: tv_retinanet_r50_fpn_v1
+{methods}
 seeds: [0, 1]
 leaderboard: {{bootstrap: 200, ci: 0.9}}
 """
+METHODS = """\
+  - name: faster_rcnn
+  - name: focal
+    baseline: faster_rcnn
+    published: tv_retinanet_r50_fpn_v1"""
 NOISE = {"faster_rcnn": 0.35, "focal": 0.05}  # box jitter in box sizes: focal is clearly better here
 
 
@@ -68,7 +71,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     ann = write_synthetic_coco(root / "data", n_images=40, seed=3, image_size=64, max_objects=3)
     suite = root / "suite.yaml"
-    suite.write_text(SUITE.format(ann=ann, img=ann.parent))
+    suite.write_text(SUITE.format(name="report-test", methods=METHODS, ann=ann, img=ann.parent))
     checked = prepare_suite(suite)
     storage = open_storage(root / "run")
     storage.upload("suite.yaml", suite)
