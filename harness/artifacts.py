@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -158,3 +159,63 @@ class ArtifactStore:
                 self.storage.delete_tree(key)
                 removed.append(key)
         return removed
+
+
+class ProducerClaims:
+    """The claims a trial holds on the artifacts its worker group is producing.
+
+    Why not :meth:`ArtifactStore.produce`: a trial runs all its stages in one worker group
+    (:mod:`harness.worker`), so the artifact of an earlier stage is published by the group's
+    rank 0 mid-run, not by the trial. The trial takes the claim *before* the group starts --
+    a second trial needing the same artifact then waits for it holding no workers -- and a
+    watcher releases it as soon as the artifact's manifest is committed, so the waiters start
+    while this trial trains its later stages. Whatever is still held (a failed stage, a lost
+    worker group) is released on exit: the next waiter then produces the artifact itself.
+    """
+
+    def __init__(self, store: ArtifactStore, *, poll_s: float = 5.0):
+        self.store, self.poll_s = store, poll_s
+        self._held: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def acquire(self, key: str) -> bool:
+        """Take ``key``'s claim (waiting while another producer holds it); True if the artifact
+        is still missing -- this trial produces it -- else the claim is let go at once."""
+        claim = self.store.storage.exclusive(f"{CLAIMS}/{key}", lease_s=self.store.lease_s)
+        claim.__enter__()
+        if self.store.get(key) is not None:
+            claim.__exit__(None, None, None)
+            return False
+        with self._lock:
+            self._held[key] = claim
+        return True
+
+    def _release(self, key: str) -> None:
+        with self._lock:
+            claim = self._held.pop(key, None)
+        if claim is not None:
+            claim.__exit__(None, None, None)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for key in list(self._held):
+                if self.store._manifest(key) is not None:
+                    self._release(key)
+
+    def __enter__(self) -> "ProducerClaims":
+        return self
+
+    def start_watching(self) -> None:
+        """Release each claim when its artifact is committed (from now until exit)."""
+        if self._held and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="detbench-claims", daemon=True)
+            self._watcher.start()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for key in list(self._held):
+            self._release(key)

@@ -163,3 +163,36 @@ def test_live_holder_keeps_its_claim_past_the_lease(s3_uri):
         assert lease.took_over_from is None
     t.join()
     assert events == ["held", "released", "waiter"]
+
+
+def test_producer_claim_is_released_when_its_artifact_is_committed(tmp_path, root):
+    """A trial claims a missing artifact before its worker group starts; a second trial waits
+    for it, and is let go as soon as the manifest is committed -- not when the first trial ends."""
+    import threading
+
+    from harness.artifacts import ProducerClaims
+    store = ArtifactStore(root)
+    first = ProducerClaims(store, poll_s=0.1)
+    first.__enter__()
+    assert first.acquire("k")                       # missing: this trial produces it
+    first.start_watching()
+    waited: dict = {}
+
+    def second_trial():
+        t0 = time.time()
+        with ProducerClaims(ArtifactStore(root), poll_s=0.1) as claims:
+            waited["produces"] = claims.acquire("k")
+        waited["s"] = time.time() - t0
+    waiter = threading.Thread(target=second_trial)
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive()                        # blocked on the claim, holding no workers
+    store.put("k", _files(tmp_path), {"by": "first"})  # rank 0 publishes mid-run
+    waiter.join(30)
+    assert not waiter.is_alive() and waited["produces"] is False  # found it made: reuses it
+    assert waited["s"] < 10                         # released by the watcher, first still "running"
+    first.__exit__(None, None, None)
+    with ProducerClaims(store) as claims:           # a claim left held (a failed run) ends with the trial
+        assert claims.acquire("other")
+    with ProducerClaims(store) as claims:
+        assert claims.acquire("other")
