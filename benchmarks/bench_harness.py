@@ -43,14 +43,15 @@ def bench_overhead(tmp: Path) -> None:
 
     from harness.data.loader import PreparedDataset
     from harness.data.synthetic import write_synthetic_coco
-    from harness.distributed import stage_job, train_worker
+    from harness.distributed import stage_job
     from harness.engine import run_stage
     from harness.sweep import init_ray
+    from harness.worker import train_worker
 
     tr = write_synthetic_coco(tmp / "train", n_images=IMAGES, seed=0)
     va = write_synthetic_coco(tmp / "val", n_images=8, seed=1)
     cell = _cell(PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)))
-    cfg = {"cell": cell.to_dict(), "stage": "train", "artifacts": {}, "threads": 1}
+    cfg = {"cell": cell.to_dict(), "stages": ["train"], "threads": 1}
     steps = IMAGES // BATCH
 
     torch.set_num_threads(1)
@@ -62,8 +63,8 @@ def bench_overhead(tmp: Path) -> None:
                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
     ray.shutdown()
-    t_ray = _per_step(result.return_value.history, steps, with_report=True)
-    t_ray_train = _per_step(result.return_value.history, steps, with_report=False)
+    t_ray = _per_step(result.return_value["train"].history, steps, with_report=True)
+    t_ray_train = _per_step(result.return_value["train"].history, steps, with_report=False)
     print(f"(a) step time, faster_rcnn r18/FPN64/128px, batch {BATCH}, 1 thread:")
     print(f"    plain PyTorch loop   {t_plain * 1000:8.1f} ms/step")
     print(f"    harness (Ray Train)  {t_ray * 1000:8.1f} ms/step  (incl. per-epoch report + checkpoint)")

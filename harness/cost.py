@@ -8,7 +8,7 @@ matrix products and convolutions of the forward pass (one multiply-add = 2
 FLOPs, the counter's convention), not NMS or box decoding. Neck FLOPs are
 counted on the neck alone, fed the backbone's stages of that image.
 Training cost comes from the trial: device-seconds (every worker's time, summed) and
-training images/s are measured by :mod:`harness.distributed` and :mod:`harness.engine`.
+training images/s are measured by :mod:`harness.worker` and :mod:`harness.engine`.
 """
 from __future__ import annotations
 

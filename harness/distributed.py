@@ -1,31 +1,30 @@
-"""Ray: the Tune trial function and the Ray Train worker function.
+"""Ray: the Tune trial function, and what it hands each trial's Ray Train run.
 
 Ray 2.60 runs Ray Train V2, where ``Tuner(TorchTrainer(...))`` no longer
 works. The supported pattern is used instead: each Tune trial is a *function
 trainable* (:func:`run_trial`, reserving only a sliver of CPU) that builds and
-fits one ``TorchTrainer`` per method stage. The trainer's workers run
-:func:`train_worker` (DDP over gloo on CPU, nccl on GPU), report once per
-epoch with a checkpoint, and ``TuneReportCallback`` forwards rank 0's
-metrics to Tune, so ASHA sees an explicit ``epoch`` and the validation AP.
-Each Train run is named after the trial id and stage, so a restored trial
-finds its own checkpoints.
+fits one ``TorchTrainer`` for all the stages it has to train. The trainer's
+workers run :func:`harness.worker.train_worker` (DDP over gloo on CPU, nccl on
+GPU), report once per epoch with a checkpoint, and a ``TuneReportCallback``
+forwards rank 0's metrics of the last stage to Tune, so ASHA sees an explicit
+``epoch`` and the validation AP. The Train run is named after the trial id, so
+a restored trial finds its own checkpoints.
+
+Earlier stages (teacher, ideal model, pretraining) are shared: a trial whose
+earlier stage is already in the artifact store reuses it and trains only the
+rest; otherwise it claims the artifact first (a second trial waits for it
+without holding workers) and its worker group publishes it mid-run.
 """
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import traceback
-from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
-import torch
-
-from harness.artifacts import ArtifactStore, artifact_key
-from harness.engine import NonFiniteLoss, StageJob, StageState, run_stage
-from harness.evaluate.detections import detections_prefix
+from harness.artifacts import ArtifactStore, ProducerClaims, artifact_key
+from harness.engine import StageJob
 from harness.records import Cell, RunInfo, StageOutput
 from harness.results import ResultStore, config_hash, report_of_rows, rows_for_trial
 
@@ -57,106 +56,13 @@ def stage_artifact_key(cell: Cell, stage: str) -> str:
                          "earlier": list(cell.stages[:cell.stages.index(stage)])})
 
 
-class StageFailed(Exception):
-    def __init__(self, output: StageOutput):
-        super().__init__(output.reason or "stage failed")
-        self.output = output
-
-
-def train_worker(cfg: dict) -> StageOutput:
-    """Ray Train worker loop for one stage; rank 0's return value goes back to the trial.
-
-    ``cfg`` (Train's ``train_loop_config``, plain JSON): ``cell`` (:meth:`Cell.to_dict`),
-    ``stage``, ``artifacts`` (earlier stage -> weights file), ``threads``, ``fit_started``
-    (when the trial asked for this worker group: the start-up cost is recorded as a metric)
-    and ``detections`` (``run`` + ``rel``: where the final evaluations' detections are kept).
-    """
-    entered = time.time()
-    import ray.train
-    import ray.train.torch
-    from ray.train import CheckpointUploadMode
-
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg["threads"])))
-    keep = cfg.get("detections")
-    job = stage_job(Cell.from_dict(cfg["cell"]), cfg["stage"], cfg["artifacts"],
-                    detections=RunInfo.from_dict(keep["run"]).storage(keep["rel"]) if keep else None)
-
-    state, model_state, resumes = None, None, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group (or resumed trial) continues from its last epoch
-        with checkpoint.as_directory() as d:
-            meta = json.loads((Path(d) / "state.json").read_text())
-            state = StageState(**meta["state"])
-            resumes = meta["resumes"] + 1
-            model_state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=True)
-
-    def on_epoch(st: StageState, model, resumable) -> None:
-        record = st.history[-1] if st.history else {}  # an evaluation-only stage has no epochs
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics.update(stage=job.stage, epoch=st.epoch, resumes=resumes,
-                       **{k: v for k, v in st.last_eval.items()})  # AP, AP50, ... for Tune/ASHA
-        ckpt = None
-        if rank == 0:
-            # Uploaded in the background while the next epoch trains; the detector weights
-            # (the stage's output) only after the last epoch.
-            tmp = Path(tempfile.mkdtemp(prefix="detbench-ckpt-"))
-            torch.save(resumable(), tmp / "train_state.pt")
-            if st.epoch == job.schedule.epochs and not job.checkpoint:
-                torch.save(job.method.detector_of(model).state_dict(), tmp / "detector.pt")
-            (tmp / "state.json").write_text(json.dumps({"state": st.__dict__, "resumes": resumes},
-                                                       default=float))
-            ckpt = ray.train.Checkpoint.from_directory(str(tmp))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
-
-    wrap = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        wrap = lambda m: DDP(m, device_ids=[device] if device.type == "cuda" else None,  # noqa: E731
-                             find_unused_parameters=job.method.find_unused_parameters)
-    try:
-        state, _ = run_stage(job, device=device, world_size=world, rank=rank, state=state,
-                             model_state=model_state, on_epoch=on_epoch, wrap=wrap)
-    except NonFiniteLoss as exc:
-        return StageOutput.failed(str(exc), history=(state or StageState()).history, resumes=resumes,
-                                  node_id=_worker_nodes(world))
-    worker_s = time.time() - entered
-    timing = {"cost/worker_start_s": entered - cfg.get("fit_started", entered), "cost/worker_s": worker_s,
-              "cost/device_s": _summed(worker_s, world)}  # device-seconds: every worker's time, summed
-    return StageOutput("ok", history=state.history, final={**state.last_eval, **state.cost, **timing}, resumes=resumes,
-                       conditions=state.conditions, node_id=_worker_nodes(world))
-
-
-def _node_id() -> str:
+def node_id() -> str:
+    """This process's Ray node id ("" outside Ray)."""
     import ray
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return ""
-
-
-def _worker_nodes(world: int) -> str:
-    """Ray node ids of all the stage's workers, distinct, comma-separated (rank 0's first)."""
-    nodes = [_node_id()]
-    if world > 1:
-        import torch.distributed as dist
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, nodes[0])
-        nodes = gathered
-    return ",".join(dict.fromkeys(nodes))
-
-
-def _summed(value: float, world: int) -> float:
-    """``value`` summed over the stage's workers (one collective, after the last epoch)."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, value)
-    return float(sum(gathered))
 
 
 def _stop_requested() -> bool:
@@ -169,16 +75,30 @@ def _stop_requested() -> bool:
         return False
 
 
-def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: dict[str, str], *,
-              last: bool) -> tuple[StageOutput, object]:
-    """One stage of a trial as one Ray Train run (named ``<trial id>-<stage>``); its output and checkpoint.
+def last_stage_reports(stage: str):
+    """``TuneReportCallback`` for only ``stage``'s reports: Tune (and ASHA) see the trial's last
+    stage -- its epochs, its AP -- not a teacher's or a pretraining's that the same Train run ran first."""
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    Only the last stage reports to Tune (``TuneReportCallback``: rank 0's metrics, with
-    an explicit ``epoch`` for ASHA). Raises :class:`StageFailed` when it did not succeed.
+    class LastStageReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("stage") == stage:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return LastStageReports()
+
+
+def fit_stages(cell: Cell, run: RunInfo, trial_id: str, stages: list[str], *, artifacts: dict[str, str],
+               produce: dict[str, str]) -> dict[str, StageOutput]:
+    """``stages`` of a trial in one Ray Train run named after the trial id (:mod:`harness.worker`).
+
+    ``artifacts``: earlier stages reused (stage -> artifact key); ``produce``: earlier stages this
+    run trains and publishes. Returns each stage's output up to the first that failed.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from harness.worker import train_worker
 
     res = run.resources
     use_gpu = res.gpus_per_worker > 0
@@ -186,74 +106,67 @@ def fit_stage(cell: Cell, stage: str, run: RunInfo, trial_id: str, artifacts: di
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cell": cell.to_dict(), "stage": stage, "artifacts": artifacts,
-                           "threads": res.cpus_per_worker, "fit_started": time.time(),
-                           "detections": {"run": run.to_dict(), "rel": detections_prefix(trial_id, stage)}},
+        train_loop_config={"cell": cell.to_dict(), "stages": list(stages), "artifacts": artifacts,
+                           "produce": produce, "run": run.to_dict(), "trial_id": trial_id,
+                           "threads": res.cpus_per_worker, "fit_started": time.time()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers_per_trial, use_gpu=use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
         run_config=RunConfig(
-            name=f"{trial_id}-{stage}", storage_path=train_path, storage_filesystem=train_fs,
+            name=trial_id, storage_path=train_path, storage_filesystem=train_fs,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()] if last else []))
+            callbacks=[last_stage_reports(cell.stages[-1])]))
     started = time.time()
-    result = trainer.fit()
-    out = result.return_value or StageOutput.failed(f"stage {stage}: no result")
-    if not out.ok:
-        raise StageFailed(out)
-    out.final["cost/stage_s"] = time.time() - started  # the whole Train run: start-up, training, teardown
-    return out, result.checkpoint
-
-
-@contextmanager
-def local_checkpoint(checkpoint) -> Iterator[Path]:
-    """A Train checkpoint as a local folder: in place on a local file system, else downloaded."""
-    import pyarrow.fs
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield Path(checkpoint.path)
-        return
-    with tempfile.TemporaryDirectory(prefix="detbench-ckpt-") as d:
-        yield Path(checkpoint.to_directory(d))
+    outputs = trainer.fit().return_value or {stages[0]: StageOutput.failed("the Train run returned no result")}
+    last = outputs[next(reversed(outputs))]
+    last.final["cost/train_run_s"] = time.time() - started  # the whole Train run: start-up, stages, teardown
+    return outputs
 
 
 def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput] | None:
-    """Every stage of a cell, in order; earlier stages come from (or go to) the shared artifact store.
+    """Every stage of a cell, in order: earlier stages from the shared artifact store when there,
+    the rest in one worker group that publishes the earlier ones it trains.
 
     Returns each stage's output up to the first that failed, or None when Tune is
     stopping the trial (its Train run died with it: the driver records it as stopped).
     """
     store = ArtifactStore(run.artifact_storage())
-    outputs: dict[str, StageOutput] = {}
-    artifacts: dict[str, str] = {}
-    for i, stage in enumerate(cell.stages):
-        try:
-            if i == len(cell.stages) - 1:
-                outputs[stage] = fit_stage(cell, stage, run, trial_id, artifacts, last=True)[0]
-                break
-
-            def make(stage=stage):  # earlier stages: produced once, reused by every trial
-                out, checkpoint = fit_stage(cell, stage, run, trial_id, artifacts, last=False)
-                folder = exits.enter_context(local_checkpoint(checkpoint))
-                return {"detector.pt": folder / "detector.pt"}, {
-                    "output": out.to_dict(), "method": cell.method, "stage": stage,
-                    "dataset": cell.dataset.name, "seed": cell.seed}
+    reused: dict[str, str] = {}
+    with ProducerClaims(store) as claims:
+        todo = list(cell.stages)
+        for stage in cell.stages[:-1]:
             key = stage_artifact_key(cell, stage)
-            with ExitStack() as exits:
-                folder, reused = store.produce(key, make)
-            out = StageOutput.from_dict(store.meta(key)["output"])
-            outputs[stage] = replace(out, reused=reused, artifact=key)
-            artifacts[stage] = str(folder / "detector.pt")
-        except StageFailed as exc:
-            outputs[stage] = exc.output
-            break
-        except Exception as exc:  # plugin bug, worker lost beyond max_failures, ...
+            if store.get(key) is None and claims.acquire(key):  # waits while another trial makes it
+                break
+            reused[stage] = key
+            todo.remove(stage)
+        outputs = {s: replace(StageOutput.from_dict(store.meta(k)["output"]), reused=True, artifact=k)
+                   for s, k in reused.items()}
+        produce = {s: stage_artifact_key(cell, s) for s in todo[:-1]}
+        claims.start_watching()
+        try:
+            ran = fit_stages(cell, run, trial_id, todo, artifacts=reused, produce=produce)
+        except Exception as exc:  # plugin bug, worker group lost beyond max_failures, ...
             if _stop_requested():
                 return None
-            outputs[stage] = StageOutput.failed(f"{type(exc).__name__}: {exc}".strip()[:500],
-                                                traceback=traceback.format_exc())
-            break
+            failed = StageOutput.failed(f"{type(exc).__name__}: {exc}".strip()[:500],
+                                        traceback=traceback.format_exc())
+            ran = _published(store, produce)  # the earlier stages it finished before it was lost
+            ran[next(s for s in todo if s not in ran)] = failed
+    for stage, out in ran.items():
+        outputs[stage] = replace(out, artifact=produce[stage]) if stage in produce and out.ok else out
     return outputs
+
+
+def _published(store: ArtifactStore, produce: dict[str, str]) -> dict[str, StageOutput]:
+    """The outputs of the produced stages whose artifacts were committed, in order, up to the first missing."""
+    done = {}
+    for stage, key in produce.items():
+        if store.get(key) is None:
+            break
+        done[stage] = StageOutput.from_dict(store.meta(key)["output"])
+    return done
 
 
 def finish_trial(cell: Cell, run: RunInfo, trial_id: str, outputs: dict[str, StageOutput],
@@ -289,7 +202,7 @@ def run_trial(config: dict) -> None:
     if done is not None:
         ray.tune.report(report_of_rows(done, cell))
         return
-    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": _node_id()}
+    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id()}
     storage.create(f"trials/{trial_id}.json", json.dumps(marker).encode())  # the first start is kept
     t0 = time.time()
     outputs = run_stages(cell, run, trial_id)

@@ -1,7 +1,7 @@
 """Training and evaluation of one stage on one worker.
 
 :func:`run_stage` is plain PyTorch (optionally DDP): the Ray Train entry point
-in :mod:`harness.distributed` calls it with Ray's reporting and checkpoint
+in :mod:`harness.worker` calls it with Ray's reporting and checkpoint
 hooks, and the benchmark calls it without Ray, so the harness overhead is
 measured on exactly the same loop.
 """

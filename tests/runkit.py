@@ -46,13 +46,20 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 def checkpoints(run_dir: Path, trial_id: str) -> list[Path]:
     """The epoch checkpoints Ray Train has registered (a restarted worker group resumes from
     these), per its snapshot file; a folder still being uploaded does not count yet."""
-    folder = run_dir / "train" / f"{trial_id}-train"
+    folder = run_dir / "train" / trial_id
     try:
         snapshot = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, ValueError):
         return []
     names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
     return [folder / n for n in names if (folder / n / "state.json").is_file()]
+
+
+def final_checkpoint_state(run_dir: Path, trial_id: str) -> dict:
+    """``state.json`` of the trial's last registered checkpoint (stage, its state, stages done)."""
+    found = checkpoints(run_dir, trial_id)
+    assert found, f"no checkpoint of trial {trial_id}"
+    return json.loads((found[-1] / "state.json").read_text())
 
 
 def markers(run_dir: Path) -> list[str]:

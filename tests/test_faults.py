@@ -6,14 +6,15 @@ an in-process Ray session.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 
 import pytest
 
-from runkit import (DETBENCH, TINY_DATA, checkpoints, markers, pids_matching, ray_gone, ray_pids, start_detbench,
-                    wait_for)
+from runkit import (DETBENCH, TINY_DATA, checkpoints, final_checkpoint_state, markers, pids_matching, ray_gone,
+                    ray_pids, start_detbench, wait_for)
 from harness.results import ResultStore
 from harness.status import run_status
 
@@ -102,4 +103,47 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     final = df[df["epoch"].isna() & (df["metric"] == "AP")]
     assert len(final) == 1
     assert sorted(df[df["metric"] == "train/loss"]["epoch"]) == list(range(1, 13))
+    assert ray_gone(ignore=others)
+
+
+TWO_STAGE_SUITE = """
+name: faults2
+smoke: true
+""" + TINY_DATA + """methods:
+  - name: fctl
+    config: {{variant: degraded_only, train_conditions: ["fog@2"]}}
+seeds: [0]
+schedule: {{epochs: 8, batch_size: 4, warmup_iters: 2}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials: 1, max_failures: 1}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_in_a_later_stage_resumes_it_not_the_earlier_one(tmp_path, tiny_data):
+    """Both of fctl's stages run in one worker group; killed during the corrective stage, the
+    restarted group continues that stage from its checkpoint and does not train the ideal one again."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(TWO_STAGE_SUITE.format(**tiny_data))
+    run_dir = tmp_path / "runs" / "w2"
+    log = tmp_path / "driver.log"
+    others = ray_pids()
+    proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w2", "--quiet"], log)
+
+    def in_corrective() -> bool:
+        found = markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0])
+        return bool(found) and json.loads((found[-1] / "state.json").read_text())["stage"] == "corrective"
+    wait_for(in_corrective, 200, "a checkpoint of the corrective stage", proc, log)
+    workers = pids_matching("ray::RayTrainWorker")
+    assert len(workers) == 1, f"expected one Train worker, found {workers}"
+    os.kill(workers[0], signal.SIGKILL)
+    assert proc.wait(200) == 0, log.read_text()[-3000:]
+    df = ResultStore(run_dir).read()
+    assert (df["status"] == "ok").all()
+    restarts = df.groupby("stage")["restarts"].max()
+    assert restarts["ideal"] == 0 and restarts["corrective"] == 1
+    for stage in ("ideal", "corrective"):  # every epoch once: none lost, none trained twice
+        assert sorted(df[(df["stage"] == stage) & (df["metric"] == "train/loss")]["epoch"]) == list(range(1, 9))
+    final = final_checkpoint_state(run_dir, markers(run_dir)[0])
+    assert final["stage"] == "corrective" and list(final["done"]) == ["ideal"]
+    assert final["done"]["ideal"]["resumes"] == 0
     assert ray_gone(ignore=others)

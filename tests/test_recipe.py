@@ -55,7 +55,7 @@ def _final(df, label: str) -> dict[tuple[str, str], float]:
 
 
 def _detector_file(run_dir: Path, trial_id: str) -> Path:
-    files = sorted((run_dir / "train").glob(f"{trial_id}-train/checkpoint_*/detector.pt"))
+    files = sorted((run_dir / "train").glob(f"{trial_id}/checkpoint_*/detector.pt"))
     assert files, f"no detector.pt for trial {trial_id}"
     return files[-1]
 
