@@ -36,7 +36,7 @@ test-extended: $(STAMP) browser
 test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow and not signal"
 
-# Every smoke cell learns (AP50 >= 0.30) and falls >= 0.10 with its classification term off (~20 min).
+# Every smoke cell learns (AP50 >= 0.30) and falls >= 0.10 with its classification term off (~14 min).
 test-signal: $(STAMP)
 	$(PY) -m pytest -q -s -m signal tests/test_smoke_signal.py
 

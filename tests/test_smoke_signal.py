@@ -6,7 +6,7 @@ with the method's classification term switched off (``schedule.loss_weights``) -
 clean AP50 must be >= 0.30 and fall by >= 0.10 when broken. A change that silently breaks a
 loss (a sign, a normalisation, a target) then fails here instead of passing the smoke run.
 
-This trains the whole smoke suite twice (~20 minutes on 2 cores), so it is its own tier:
+This trains the whole smoke suite twice (~14 minutes on 2 cores), so it is its own tier:
 ``make test-signal`` (marker ``signal``), not part of ``make test``.
 """
 from __future__ import annotations
