@@ -180,6 +180,37 @@ def test_fctl_sweep_trains_the_ideal_stage_once(tmp_path, tiny_data, ray_local):
     assert "vs fctl[degraded_only] (corrective)" in board
 
 
+TWO_WORKERS_SUITE = """
+name: fctl-ddp
+smoke: true
+""" + TINY_DATA + """methods:
+  - name: fctl
+    config: {{variant: degraded_only, train_conditions: [fog@2]}}
+seeds: [0]
+schedule: {{epochs: 1, batch_size: 4, warmup_iters: 2}}
+resources: {{workers_per_trial: 2, cpus_per_worker: 0.99}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_two_stage_trial_on_two_ddp_workers(tmp_path, tiny_data, ray_local):
+    """Both stages in one 2-worker DDP group: rank 0 publishes the ideal model mid-run, the barrier
+    holds rank 1 until it is committed, and each rank reads it back (a rank that cannot fails the trial)."""
+    suite = tmp_path / "ddp.yaml"
+    suite.write_text(TWO_WORKERS_SUITE.format(**tiny_data))
+    run_dir = Path(run_suite(suite, out_dir=tmp_path / "runs", name="ddp", progress=False)).parent
+    df = ResultStore(run_dir).read()
+    assert (df["status"] == "ok").all() and set(df["stage"]) == {"ideal", "corrective"}
+    from harness.artifacts import ArtifactStore
+    (artifact,) = ArtifactStore(run_dir / "artifacts").list()
+    (trial,) = ResultStore(run_dir).trial_ids()
+    assert artifact["stage"] == "ideal" and artifact["trial_id"] == trial
+    assert list(final_checkpoint_state(run_dir, trial)["done"]) == ["ideal"]
+    device_s = df[df["epoch"].isna() & (df["metric"] == "cost/device_s")].set_index("stage")["value"]
+    worker_s = df[df["epoch"].isna() & (df["metric"] == "cost/worker_s")].set_index("stage")["value"]
+    assert (device_s > 1.5 * worker_s).all()  # summed over the two workers, per stage
+
+
 def test_status_then_retry_failed_reruns_only_the_failed_cell(micro_run):
     """Runs last in this module: it changes the micro run."""
     from harness.runner import resume_run
