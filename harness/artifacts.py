@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 from harness.fileio import atomic_write, sha256_file
 from harness.storage import Storage, open_storage
@@ -122,18 +121,6 @@ class ArtifactStore:
             raise OSError(f"artifact {key}: published files do not match their checksums")
         return found
 
-    def produce(self, key: str, make: Callable[[], tuple[dict[str, Path], dict]]) -> tuple[Path, bool]:
-        """Return ``(local folder, reused)``; ``make()`` runs only when no valid artifact exists."""
-        found = self.get(key)
-        if found is not None:  # the common case needs no claim
-            return found, True
-        with self.storage.exclusive(f"{CLAIMS}/{key}", lease_s=self.lease_s):
-            found = self.get(key)
-            if found is not None:
-                return found, True
-            files, meta = make()
-            return self.put(key, files, meta), False
-
     def list(self) -> list[dict]:
         out = []
         for key in self.storage.list_dirs(""):
@@ -164,9 +151,9 @@ class ArtifactStore:
 class ProducerClaims:
     """The claims a trial holds on the artifacts its worker group is producing.
 
-    Why not :meth:`ArtifactStore.produce`: a trial runs all its stages in one worker group
-    (:mod:`harness.worker`), so the artifact of an earlier stage is published by the group's
-    rank 0 mid-run, not by the trial. The trial takes the claim *before* the group starts --
+    Why a claim separate from the writing: a trial runs all its stages in one worker group
+    (:mod:`harness.worker`), so the artifact of an earlier stage is published (:meth:`ArtifactStore.put`)
+    by the group's rank 0 mid-run, not by the trial. The trial takes the claim *before* the group starts --
     a second trial needing the same artifact then waits for it holding no workers -- and a
     watcher releases it as soon as the artifact's manifest is committed, so the waiters start
     while this trial trains its later stages. Whatever is still held (a failed stage, a lost
@@ -181,8 +168,11 @@ class ProducerClaims:
         self._watcher: threading.Thread | None = None
 
     def acquire(self, key: str) -> bool:
-        """Take ``key``'s claim (waiting while another producer holds it); True if the artifact
-        is still missing -- this trial produces it -- else the claim is let go at once."""
+        """True, holding ``key``'s claim, if the artifact is missing: this trial produces it. False,
+        holding nothing, if it exists -- already (the common case takes no claim) or once the
+        producer that held the claim meanwhile (this call waited for it) has committed it."""
+        if self.store.get(key) is not None:
+            return False
         claim = self.store.storage.exclusive(f"{CLAIMS}/{key}", lease_s=self.store.lease_s)
         claim.__enter__()
         if self.store.get(key) is not None:

@@ -137,7 +137,7 @@ def run_stages(cell: Cell, run: RunInfo, trial_id: str) -> dict[str, StageOutput
         todo = list(cell.stages)
         for stage in cell.stages[:-1]:
             key = stage_artifact_key(cell, stage)
-            if store.get(key) is None and claims.acquire(key):  # waits while another trial makes it
+            if claims.acquire(key):  # missing (after waiting while another trial made it): produce it
                 break
             reused[stage] = key
             todo.remove(stage)

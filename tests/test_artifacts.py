@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness.artifacts import ArtifactStore, artifact_key
+from harness.artifacts import ArtifactStore, ProducerClaims, artifact_key
 from harness.storage import open_storage
 
 
@@ -30,6 +30,16 @@ def _files(tmp_path, payload: bytes = b"weights", name: str = "src.pt"):
     return {"detector.pt": src}
 
 
+def _produce(store: ArtifactStore, key: str, make):
+    """``(folder, reused)``: a producer as a trial is one (:func:`harness.distributed.run_stages`):
+    claim the artifact if it is missing, make it, publish it; reuse it if it exists."""
+    with ProducerClaims(store) as claims:
+        if not claims.acquire(key):
+            return store.get(key), True
+        files, meta = make()
+        return store.put(key, files, meta), False
+
+
 def test_key_is_content_addressed():
     a = artifact_key({"stage": "ideal", "seed": 0, "config": {"r0": 4}})
     assert a == artifact_key({"config": {"r0": 4}, "seed": 0, "stage": "ideal"})
@@ -42,9 +52,9 @@ def test_produce_once_then_reuse(tmp_path, root):
     def make():
         calls.append(1)
         return _files(tmp_path), {"output": {"status": "ok"}}
-    folder, reused = store.produce("k1", make)
+    folder, reused = _produce(store, "k1", make)
     assert not reused and (folder / "detector.pt").read_bytes() == b"weights"
-    folder2, reused2 = store.produce("k1", make)
+    folder2, reused2 = _produce(store, "k1", make)
     assert reused2 and folder2 == folder and len(calls) == 1
     assert store.meta("k1") == {"output": {"status": "ok"}}
     assert [e["key"] for e in store.list()] == ["k1"]
@@ -54,7 +64,7 @@ def test_produce_once_then_reuse(tmp_path, root):
 def test_corrupted_artifact_detected_and_reproduced(tmp_path, root, damage):
     """The stored file is damaged behind the store's back (a local copy of it may still be good)."""
     store = ArtifactStore(root)
-    store.produce("k", lambda: (_files(tmp_path, b"x" * 1000), {}))
+    _produce(store, "k", lambda: (_files(tmp_path, b"x" * 1000), {}))
     storage = open_storage(root)
     if damage == "truncate":
         storage.write_bytes("k/detector.pt", b"x" * 10)
@@ -64,7 +74,7 @@ def test_corrupted_artifact_detected_and_reproduced(tmp_path, root, damage):
         storage.delete("k/detector.pt")
     assert store.get("k") is None
     calls = []
-    folder, reused = store.produce("k", lambda: (calls.append(1) or _files(tmp_path, b"x" * 1000), {}))
+    folder, reused = _produce(store, "k", lambda: (calls.append(1) or _files(tmp_path, b"x" * 1000), {}))
     assert not reused and calls == [1] and (folder / "detector.pt").read_bytes() == b"x" * 1000
     assert storage.read_bytes("k/detector.pt") == b"x" * 1000
     assert len(storage.list(".corrupt")) == 1
@@ -74,7 +84,7 @@ def test_corrupted_artifact_detected_and_reproduced(tmp_path, root, damage):
 def test_damaged_local_copy_of_a_remote_artifact_is_fetched_again(tmp_path, s3_uri, monkeypatch):
     monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
     store = ArtifactStore(s3_uri + "/artifacts")
-    folder, _ = store.produce("k", lambda: (_files(tmp_path, b"z" * 500), {}))
+    folder, _ = _produce(store, "k", lambda: (_files(tmp_path, b"z" * 500), {}))
     (folder / "detector.pt").write_bytes(b"bad")
     assert (store.get("k") / "detector.pt").read_bytes() == b"z" * 500
 
@@ -97,7 +107,7 @@ def _producer(root, out_dir, i, cache):
         src = out_dir / f"src-{i}.pt"
         src.write_bytes(b"w")
         return {"detector.pt": src}, {"by": i}
-    store.produce("shared", make)
+    _produce(store, "shared", make)
 
 
 def test_concurrent_producers_make_it_once(tmp_path, root):
@@ -135,7 +145,7 @@ def test_claim_of_a_dead_holder_is_taken_over_after_its_lease(tmp_path, s3_uri, 
     holder.wait()
     t0 = time.time()
     with caplog.at_level("WARNING", logger="harness.storage.lease"):
-        folder, reused = ArtifactStore(root, lease_s=lease_s).produce("k", lambda: (_files(tmp_path), {}))
+        folder, reused = _produce(ArtifactStore(root, lease_s=lease_s), "k", lambda: (_files(tmp_path), {}))
     waited = time.time() - t0
     assert not reused and (folder / "detector.pt").read_bytes() == b"weights"
     assert lease_s - 1.0 <= waited < lease_s + 10, waited  # HTTP dates have one-second resolution
@@ -170,7 +180,6 @@ def test_producer_claim_is_released_when_its_artifact_is_committed(tmp_path, roo
     for it, and is let go as soon as the manifest is committed -- not when the first trial ends."""
     import threading
 
-    from harness.artifacts import ProducerClaims
     store = ArtifactStore(root)
     first = ProducerClaims(store, poll_s=0.1)
     first.__enter__()
