@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.detbench-installed
 PYTHON  ?= python3
 
-.PHONY: install browser demo test test-extended test-fast test-signal bench lock clean
+.PHONY: install browser demo imports test test-extended test-fast test-signal bench lock clean
 
 install: $(STAMP)
 
@@ -24,8 +24,14 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/detbench run suites/smoke.yaml
 
+# The layering contracts of pyproject.toml ([tool.importlinter]; docs/architecture.md): an import that
+# runs up the layers, a circle, Ray outside harness.sweep or a method reaching past the plugin faces
+# fails here with the import named.
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo
+
 # Every test but the extended scenarios (~15 min on 2 cores); CI (.ci/run) runs test-extended after it.
-test: $(STAMP) browser
+test: $(STAMP) browser imports
 	$(PY) -m pytest -q -m "not extended and not signal"
 
 # Killed drivers and workers, a multi-node cluster, the reference recipe, a run on S3 (~25 min).
@@ -33,7 +39,7 @@ test-extended: $(STAMP) browser
 	$(PY) -m pytest -q -m "extended and not signal"
 
 # The edit-test loop: everything but the tests that start Ray clusters or detbench drivers.
-test-fast: $(STAMP) browser
+test-fast: $(STAMP) browser imports
 	$(PY) -m pytest -q -m "not slow and not signal"
 
 # Every smoke cell learns (AP50 >= 0.30) and falls >= 0.10 with its classification term off (~14 min).

@@ -16,9 +16,8 @@ import time
 import torch
 
 from benchmarks.common import memory_in_subprocess, peak_memory, random_detection_batch
-
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.method import StageContext
+from harness.plugin import StageContext
 from methods.defeat import DeFeat
 from methods.faster_rcnn import FasterRCNNBaseline
 

@@ -18,11 +18,8 @@ N_IMAGES, SIZE, SEVERITY = 20, 128, 3
 
 
 def main() -> None:
-    from harness.data.coco import load_coco
-    from harness.data.conditions import Condition
-    from harness.data.corruptions import CORRUPTIONS, FAMILIES, corrupt
-    from harness.data.render_cache import render_condition
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import (CORRUPTIONS, FAMILIES, Condition, corrupt, load_coco, render_condition,
+                              write_synthetic_coco)
 
     with tempfile.TemporaryDirectory() as tmp:
         ann = write_synthetic_coco(Path(tmp) / "src", n_images=N_IMAGES, seed=0, image_size=SIZE)

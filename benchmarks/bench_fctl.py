@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import memory_in_subprocess, peak_memory, random_detection_batch
 from harness.config import DetectorSpec
-from harness.models import build_detector
+from harness.modeling import build_detector
 from methods.fctl import eansdl
 
 SIZE, WIDTH, R0, CLASSES = 512, 256, 4, 10

@@ -22,7 +22,7 @@ EPOCHS, IMAGES, BATCH = 4, 64, 8
 
 def _cell(dataset):
     from harness.config import DetectorSpec, ScheduleSpec
-    from harness.records import Cell
+    from harness.plan import Cell
     return Cell(cell_id="faster_rcnn/bench/seed0", method="faster_rcnn", label="faster_rcnn", variant="",
                 stages=("train",), method_config={}, detector=DetectorSpec(fpn_width=64, image_size=128),
                 arch="faster_rcnn", schedule=ScheduleSpec(epochs=EPOCHS, batch_size=BATCH, eval_every=1000,
@@ -41,12 +41,10 @@ def bench_overhead(tmp: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from harness.data.loader import PreparedDataset
-    from harness.data.synthetic import write_synthetic_coco
-    from harness.distributed import stage_job
+    from harness.data import PreparedDataset, write_synthetic_coco
     from harness.engine import run_stage
-    from harness.sweep import init_ray
-    from harness.worker import train_worker
+    from harness.plan import stage_job
+    from harness.sweep import init_ray, train_worker
 
     tr = write_synthetic_coco(tmp / "train", n_images=IMAGES, seed=0)
     va = write_synthetic_coco(tmp / "val", n_images=8, seed=1)
@@ -74,9 +72,8 @@ def bench_overhead(tmp: Path) -> None:
 
 
 def bench_eval(tmp: Path, n_images: int = 2000) -> None:
-    from harness.data.coco import load_coco
-    from harness.data.synthetic import write_synthetic_coco
-    from harness.evaluate.coco import evaluate_coco
+    from harness.data import load_coco, write_synthetic_coco
+    from harness.evaluate import evaluate_coco
 
     ann = write_synthetic_coco(tmp / "eval", n_images=n_images, seed=3, max_objects=6)
     gt = load_coco(ann, ann.parent, check_images=False).gt_for_eval()

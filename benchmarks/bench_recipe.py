@@ -2,7 +2,7 @@
 
 (a) Harness step / plain PyTorch loop on torchvision's Faster R-CNN R50-FPN v1 preset: two
     images of 1333x800 and 1067x800 (keep-ratio resize to 800/1333), batch 2, CPU. The harness
-    path is :func:`harness.engine.train_one_epoch` with the grouped batch sampler, the JPEG
+    path is :func:`harness.engine.stage.train_one_epoch` with the grouped batch sampler, the JPEG
     loader, the LR schedule and the device-side loss bookkeeping; the plain loop feeds the same
     decoded tensors to the same model. Target <= 1.05.
 (b) bf16 autocast on CPU: step time amp / fp32 of the same preset at 512 px (informational:
@@ -45,10 +45,9 @@ def _coco_pair(root: Path) -> Path:
 def _setup(tmp: Path, *, amp: bool, min_size: int | None = None, max_size: int | None = None,
            steps: int = STEPS):
     from harness.config import DetectorSpec, ScheduleSpec
-    from harness.data.coco import CocoDetection
-    from harness.data.loader import PreparedDataset, load_split
+    from harness.data import CocoDetection, PreparedDataset, load_split
     from harness.engine import Precision, RepeatedDataset, StageJob, build_optimizer, grouped_loader
-    from harness.method import StageContext
+    from harness.plugin import StageContext
     from methods.faster_rcnn import FasterRCNNBaseline
 
     ann = _coco_pair(tmp)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from harness.core import COST_DEVICE_S, COST_GFLOPS, COST_LATENCY_MS, COST_PARAMS_M, COST_PEAK_MEM_MB, COST_TRAIN_IMAGES_PER_S
 
 IMAGES, CATEGORIES, DETS_PER_IMAGE, RESAMPLES, BRUTE = 5000, 80, 100, 1000, 10
 METHODS, DATASETS, SEEDS = 25, 2, 20  # 1,000 trials
@@ -56,7 +57,7 @@ def generated_set(seed: int = 0):
 
 def _brute(gt, dets, counts) -> float:
     """One brute-force resample: a full COCOeval of the resampled set (copies as new images)."""
-    from harness.evaluate.coco import evaluate_coco
+    from harness.evaluate import evaluate_coco
     by_img, det_by = {}, {}
     for a in gt["annotations"]:
         by_img.setdefault(a["image_id"], []).append(a)
@@ -74,7 +75,7 @@ def _brute(gt, dets, counts) -> float:
 
 
 def bootstrap_bench() -> None:
-    from harness.evaluate.bootstrap import draw_counts, match_detections, paired_bootstrap
+    from harness.evaluate import draw_counts, match_detections, paired_bootstrap
     t0 = time.perf_counter()
     gt, dets_a, dets_b = generated_set()
     print(f"generated {IMAGES} images, {len(gt['annotations'])} GT boxes, {len(dets_a)} detections per method "
@@ -102,6 +103,7 @@ def bootstrap_bench() -> None:
 def thousand_trial_run(root) -> object:
     """A run directory with 1,000 trials' rows (written as trials write them) and its manifest."""
     import math
+
     from harness.results import ResultRow, ResultStore
     from harness.storage import open_storage
     storage = open_storage(root)
@@ -119,8 +121,8 @@ def thousand_trial_run(root) -> object:
                                   value=float(rng.uniform(0.2, 0.5)) if k != "APs" else math.nan)
                         for c, s in conds for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
                 rows += [ResultRow(**common, metric=k, value=float(rng.uniform(1, 100)))
-                         for k in ("cost/gflops", "cost/latency_ms", "cost/params_M", "cost/device_s",
-                                   "cost/peak_mem_mb", "cost/train_images_per_s")]
+                         for k in (COST_GFLOPS, COST_LATENCY_MS, COST_PARAMS_M, COST_DEVICE_S,
+                                   COST_PEAK_MEM_MB, COST_TRAIN_IMAGES_PER_S)]
                 rows += [ResultRow(**common, epoch=e, split=sp, metric=k, value=float(rng.uniform(0, 1)))
                          for e in range(1, 13) for k, sp in (("train/loss", "train"), ("val/AP", "val"),
                                                              ("lr", "train"), ("time/epoch_s", "train"))]
@@ -131,6 +133,7 @@ def thousand_trial_run(root) -> object:
 
 def report_bench() -> None:
     import tempfile
+
     from harness.report import write_run_outputs
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         t0 = time.perf_counter()

@@ -38,8 +38,7 @@ class _Uncached(torch.utils.data.Dataset):
 
 
 def _setup(tmp: Path):
-    from harness.data.coco import CocoDetection, load_coco
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import CocoDetection, load_coco, write_synthetic_coco
     ann = write_synthetic_coco(tmp / "train", n_images=N_IMAGES, seed=0, image_size=IMAGE_SIZE)
     return CocoDetection(load_coco(ann, ann.parent))
 
@@ -69,7 +68,7 @@ class _Trainer:
 
     def __init__(self, method, detector, steps_per_epoch: int, epochs: int = 10):
         from harness.config import ScheduleSpec
-        from harness.method import StageContext
+        from harness.plugin import StageContext
         self.method = method
         self.ctx = StageContext(stage="pretrain", detector=detector, arch="faster_rcnn",
                                 schedule=ScheduleSpec(epochs=epochs), num_classes=3, class_names=["a", "b", "c"],

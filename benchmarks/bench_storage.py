@@ -43,7 +43,7 @@ def _time(fn) -> float:
 
 
 def bench_rows(local_root: Path, s3_uri: str) -> None:
-    from harness.leaderboard import write_leaderboard
+    from harness.report import write_leaderboard
     from harness.results import ResultStore
     rows = [trial_rows(i) for i in range(TRIALS)]
     figures = {}
@@ -62,7 +62,7 @@ def bench_rows(local_root: Path, s3_uri: str) -> None:
 
 
 def bench_artifact(tmp: Path, s3_uri: str) -> None:
-    from harness.artifacts import ArtifactStore
+    from harness.storage.artifacts import ArtifactStore
     src = tmp / "detector.pt"
     src.write_bytes(os.urandom(ARTIFACT_MB << 20))
     figures = {}
@@ -78,8 +78,7 @@ def bench_artifact(tmp: Path, s3_uri: str) -> None:
 
 
 def main() -> None:
-    from harness.storage.local_server import (TEST_CREDENTIALS, LocalServerUnavailable, local_s3_server,
-                                              make_bucket)
+    from harness.storage.local_server import TEST_CREDENTIALS, LocalServerUnavailable, local_s3_server, make_bucket
     saved = dict(os.environ)
     try:
         with tempfile.TemporaryDirectory() as d, local_s3_server() as url:

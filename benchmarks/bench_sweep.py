@@ -42,8 +42,8 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 0.99}}
 def main() -> None:
     import ray
 
+    from harness.app import resume_run, run_suite
     from harness.results import ResultStore
-    from harness.runner import resume_run, run_suite
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -65,7 +65,7 @@ def main() -> None:
         resume_s = time.perf_counter() - t0
         ray.shutdown()
         t0 = time.perf_counter()  # what a user waits after a driver crash: new process, new Ray
-        subprocess.run([sys.executable, "-m", "harness.cli", "resume", str(run_dir), "--quiet"],
+        subprocess.run([sys.executable, "-m", "harness.app.cli", "resume", str(run_dir), "--quiet"],
                        check=True, capture_output=True)
         fresh_s = time.perf_counter() - t0
     print(f"FCTL-style sweep, K = {K} trials over lambda_fs (tiny synthetic data, CPU); wall {sweep_s:.0f} s")

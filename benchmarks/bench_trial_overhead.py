@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from harness.core import COST_TRAIN_RUN_S, COST_WORKER_S, COST_WORKER_START_S
 from pathlib import Path
 
 SUITE = """\
@@ -43,8 +44,8 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials:
 
 
 def main() -> None:
+    from harness.app import run_suite
     from harness.results import ResultStore
-    from harness.runner import run_suite
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     suite = tmp / "overhead.yaml"
@@ -70,15 +71,15 @@ def main() -> None:
               f"training steps {train:.1f} s, fixed {wall - train:.1f} s{gap}")
         finals = {stage: rows[(rows["stage"] == stage) & rows["epoch"].isna()].set_index("metric")["value"]
                   for stage in stages}
-        whole = float(finals[stages[-1]].get("cost/train_run_s", float("nan")))
-        ran = [s for s in stages if "cost/worker_s" in finals[s]]  # not reused from the artifact store
-        start = float(finals[ran[0]].get("cost/worker_start_s", float("nan")))
-        in_stages = sum(float(finals[s].get("cost/worker_s", 0)) for s in ran)
+        whole = float(finals[stages[-1]].get(COST_TRAIN_RUN_S, float("nan")))
+        ran = [s for s in stages if COST_WORKER_S in finals[s]]  # not reused from the artifact store
+        start = float(finals[ran[0]].get(COST_WORKER_START_S, float("nan")))
+        in_stages = sum(float(finals[s].get(COST_WORKER_S, 0)) for s in ran)
         print(f"    one Train run {whole:5.1f} s = start-up {start:4.1f} + stages {in_stages:4.1f} "
               f"+ teardown {whole - start - in_stages:4.1f}")
         for stage in ran:
             epochs = rows[(rows["stage"] == stage) & (rows["metric"] == "time/epoch_s")]["value"].sum()
-            worker = float(finals[stage].get("cost/worker_s", float("nan")))
+            worker = float(finals[stage].get(COST_WORKER_S, float("nan")))
             print(f"      {stage:<11} {worker:4.1f} s = training {epochs:.1f} + set-up, evaluation, checkpoint "
                   f"{worker - epochs:.1f}")
         previous_end = end

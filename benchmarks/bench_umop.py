@@ -11,9 +11,8 @@ import time
 import torch
 
 from benchmarks.common import random_detection_batch
-
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.method import StageContext
+from harness.plugin import StageContext
 from methods.focal import FocalRetinaNet
 from methods.umop import UMOP
 

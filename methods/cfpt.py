@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from harness.errors import ConfigError
-from harness.necks import Neck, NeckConfig
+from harness.core import ConfigError
+from harness.modeling import Neck, NeckConfig
 
 #: Pyramid levels CFPT attends across: C3, C4, C5 projections and the stride-2 conv of C5.
 NUM_LEVELS = 4
@@ -175,7 +175,7 @@ class CrossLayerPositionBias(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The official recipe decays neither the relative tables nor the position biases
-        (honoured with ``schedule.norm_weight_decay``, see :func:`harness.engine.parameter_groups`)."""
+        (honoured with ``schedule.norm_weight_decay``, see :func:`harness.engine.stage.parameter_groups`)."""
         return {"table", "level_bias"}
 
     def forward(self) -> Tensor:

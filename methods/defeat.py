@@ -76,21 +76,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from harness.config import BACKBONES, DetectorSpec
-from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, Stage, StageContext
-from harness.models import (FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector, detection_losses,
-                            load_state)
+from harness.config import DetectorSpec
+from harness.core import ConfigError
+from harness.modeling import (BACKBONES, FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector, detection_losses,
+                              load_state)
+from harness.plugin import Method, MethodConfig, Stage, StageContext
 
 log = logging.getLogger(__name__)
-
-Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
-
 
 # --------------------------------------------------------------------------- masks
 def gt_level_masks(boxes_per_image: Sequence[Tensor], feature_sizes: Sequence[tuple[int, int]],
@@ -346,7 +343,7 @@ class DeFeatStudent(nn.Module):
 # --------------------------------------------------------------------------- the plugin
 class DeFeatConfig(MethodConfig):
     """Defaults from docs/methods.md (COCO weights alpha 4 / 16, beta 2 / 2, temperatures 1)."""
-    teacher_backbone: Backbone = "resnet50"
+    teacher_backbone: str = "resnet50"    # any registered backbone (harness.modeling.BACKBONES)
     teacher_checkpoint: str | None = None   # local detector weights: skips the teacher stage
     use_neck: bool = True
     use_head: bool = True                   # Faster R-CNN only (RetinaNet has no RoI head)
@@ -359,6 +356,13 @@ class DeFeatConfig(MethodConfig):
     T_bg: float = Field(1.0, gt=0)
     canonical_size: float = Field(56.0, gt=0)  # level 0 size of the GT-box level assignment
     anneal: bool = False                    # both terms x (1 - progress)
+
+    @field_validator("teacher_backbone")
+    @classmethod
+    def _registered_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; available: {', '.join(BACKBONES.names())}")
+        return v
 
     @model_validator(mode="after")
     def _parts(self) -> "DeFeatConfig":

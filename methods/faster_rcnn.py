@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from harness.method import Method, MethodConfig, StageContext
-from harness.models import build_detector
+from harness.modeling import build_detector
+from harness.plugin import Method, MethodConfig, StageContext
 
 
 class FasterRCNNConfig(MethodConfig):

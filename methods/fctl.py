@@ -13,7 +13,7 @@ meant to be read as the reference. Two stages, ``ideal -> corrective``:
 
   where ``F_ideal`` is the frozen ideal model (eval mode, ``requires_grad=False``,
   run under ``no_grad``) on the CLEAN twin x. Both twins share their geometry
-  (:class:`harness.data.degrade.DegradedTwins`; corruptions that move pixels are
+  (:class:`harness.data.DegradedTwins`; corruptions that move pixels are
   refused).
 
 EANSDL of one FPN level (:func:`eansdl`), with G the per-channel Sobel magnitude
@@ -75,9 +75,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
-from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, Stage, StageContext
-from harness.models import build_detector, detection_losses
+from harness.core import ConfigError
+from harness.modeling import build_detector, detection_losses
+from harness.plugin import Method, MethodConfig, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class FCTLConfig(MethodConfig):
     @classmethod
     def _conditions(cls, v):
         if v is not None:
-            from harness.data.degrade import twin_conditions
+            from harness.data import twin_conditions
             twin_conditions(v, field="train_conditions")
         return v
 
@@ -441,7 +441,7 @@ class FCTL(Method):
 
     def train_conditions(self, ctx: StageContext) -> list:
         """The corrective stage's degradations: the config's, else the dataset's corruption test sets."""
-        from harness.data.degrade import CORRUPTIONS, twin_conditions
+        from harness.data import CORRUPTIONS, twin_conditions
         if self.config.train_conditions is not None:
             return twin_conditions(self.config.train_conditions, field="train_conditions")
         found = [c.label for c in ctx.conditions if c.name in CORRUPTIONS]
@@ -454,8 +454,15 @@ class FCTL(Method):
     def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
         if stage != "corrective":
             return dataset
-        from harness.data.degrade import DegradedTwins
+        from harness.data import DegradedTwins
         return TwinPairs(DegradedTwins(dataset, self.train_conditions(ctx), seed=ctx.seed))
+
+    def example_inputs(self, stage: str, images: list[Tensor]) -> list:
+        """The corrective stage trains on (clean, degraded) pairs (:class:`TwinPairs`); a contrast-reduced
+        copy stands in for the degraded twin."""
+        if stage != "corrective":
+            return images
+        return [(im, (im * 0.5 + 0.3).clamp(0, 1)) for im in images]
 
     def _ideal(self, ctx: StageContext) -> nn.Module:
         ideal = build_detector(ctx.detector, ctx.num_classes, arch=ctx.arch)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
-from harness.method import Method, MethodConfig, StageContext
-from harness.models import build_detector, replace_classification_head
+from harness.modeling import build_detector, replace_classification_head
+from harness.plugin import Method, MethodConfig, StageContext
 
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,

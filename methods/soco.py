@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,12 +53,12 @@ from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
 from harness.config import ScheduleSpec
-from harness.errors import ConfigError
-from harness.method import Method, MethodConfig, Stage, StageContext
-from harness.models import FASTER_RCNN_STRIDES, build_detector
-from methods.soco_data import (ImageFolder, ProposalParams, ProposalStore, SoCoViews, ViewBuilder,
-                               default_cache_dir, filter_proposals, has_selective_search,
-                               random_proposals, selective_search, stack_views)
+from harness.core import ConfigError
+from harness.modeling import FASTER_RCNN_STRIDES, build_detector
+from harness.plugin import Method, MethodConfig, Stage, StageContext
+from methods.soco_data import (ImageFolder, ProposalParams, ProposalStore, SoCoViews, ViewBuilder, default_cache_dir,
+                               filter_proposals, has_selective_search, random_proposals, selective_search,
+                               stack_views)
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,17 @@ class SoCo(Method):
         update = {k: v for k, v in (("epochs", self.config.pretrain_epochs), ("lr", self.config.pretrain_lr))
                   if v is not None}
         return schedule.model_copy(update=update) if update else schedule
+
+    @classmethod
+    def test_config(cls, scratch: Path) -> dict:
+        """Small views and heads, and the proposal cache in the test's folder."""
+        return {"view_size": 64, "small_view_size": 32, "proj_hidden": 64, "proj_dim": 32, "pred_hidden": 64,
+                "proposal_cache": str(scratch / "soco_proposals")}
+
+    def stage_train_images(self, stage: str) -> int | None:
+        if stage == "pretrain" and self.config.pretrain_images:
+            return len(ImageFolder(self.config.pretrain_images))
+        return None
 
     def train_dataset(self, stage: str, ctx: StageContext, dataset: Dataset) -> Dataset:
         if stage != "pretrain":

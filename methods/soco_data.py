@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from harness.fileio import atomic_write
+from harness.core import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ class ProposalParams:
 
 
 def default_cache_dir() -> Path:
-    """``<this node's cache>/soco_proposals`` (:func:`harness.config.node_cache_dir`)."""
-    from harness.config import node_cache_dir
+    """``<this node's cache>/soco_proposals`` (:func:`harness.config.schema.node_cache_dir`)."""
+    from harness.core import node_cache_dir
     return node_cache_dir() / "soco_proposals"
 
 
@@ -150,7 +150,7 @@ class ProposalStore:
     logged warning. A disk entry is ``<sha256 of (image identity, W x H, params,
     generator)>.npy``; the identity of a file is its resolved path, byte size and
     mtime (a rewritten file is recomputed), of an in-memory image its pixels' hash.
-    Writes are atomic (:func:`harness.fileio.atomic_write`), so concurrent workers are safe.
+    Writes are atomic (:func:`harness.core.fileio.atomic_write`), so concurrent workers are safe.
     ``cache_dir=None``: memory only.
     """
 
@@ -408,7 +408,7 @@ class ImageFolder(Dataset):
     """Unlabeled images of a folder (recursive, sorted): ``(image [3,H,W] in [0,1], {})``."""
 
     def __init__(self, root: str | Path):
-        from harness.errors import ConfigError
+        from harness.core import ConfigError
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise ConfigError(f"pretrain_images {self.root} is not a directory", field="pretrain_images")
@@ -424,7 +424,7 @@ class ImageFolder(Dataset):
         return self.files[i]
 
     def __getitem__(self, i: int):
-        from harness.data.coco import load_rgb
+        from harness.data import load_rgb
         return load_rgb(self.files[i]), {}
 
 

@@ -51,8 +51,8 @@ from pydantic import model_validator
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
-from harness.method import Method, MethodConfig, StageContext
-from harness.models import RETINANET_STRIDES, build_detector, replace_classification_head
+from harness.modeling import RETINANET_STRIDES, build_detector, replace_classification_head
+from harness.plugin import Method, MethodConfig, StageContext
 from methods.focal import classification_targets, focal_loss
 
 GammaStat = Literal["log_of_mean", "mean_of_log"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """A tiny synthetic dataset in real COCO format: train and val splits."""
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import write_synthetic_coco
     root = tmp_path_factory.mktemp("tiny")
     tr = write_synthetic_coco(root / "train", n_images=12, seed=0, image_size=64, max_objects=2)
     va = write_synthetic_coco(root / "val", n_images=6, seed=1, image_size=64, max_objects=2)

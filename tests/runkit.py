@@ -23,7 +23,7 @@ detector: {{fpn_width: 16, image_size: 64}}
 
 
 #: ``detbench`` as a subprocess of the test (its own driver, killable on its own).
-DETBENCH = [sys.executable, "-m", "harness.cli"]
+DETBENCH = [sys.executable, "-m", "harness.app.cli"]
 
 
 def start_detbench(args: list[str], log: Path) -> subprocess.Popen:
@@ -100,7 +100,7 @@ def method_context(method_cls, stage: str, artifacts: dict | None = None):
     import torch
 
     from harness.config import DetectorSpec, ScheduleSpec
-    from harness.method import StageContext
+    from harness.plugin import StageContext
     return StageContext(stage=stage, detector=DetectorSpec(backbone="resnet18", fpn_width=16, image_size=64),
                         arch=method_cls.arch, schedule=ScheduleSpec(epochs=2), num_classes=3,
                         class_names=["a", "b", "c"], device=torch.device("cpu"), seed=0, artifacts=artifacts or {})
@@ -120,9 +120,9 @@ def detection_batch():
 def make_cell(method: str, method_config: dict, dataset, *, detector, schedule, arch: str = "faster_rcnn",
               seed: int = 0):
     """A planned cell without a suite file (``dataset``: a PreparedDataset or its dict)."""
-    from harness.data.loader import PreparedDataset
-    from harness.records import Cell
-    from harness.registry import METHODS
+    from harness.data import PreparedDataset
+    from harness.plan import Cell
+    from harness.plugin import METHODS
     plugin = METHODS.get(method)(method_config)
     data = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(**dataset)
     return Cell(cell_id=f"{method}/{data.name}/seed{seed}", method=method, label=method, variant="",

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.method import StageContext
-from harness.models import FASTER_RCNN_STRIDES, build_detector
-from harness.registry import METHODS
+from harness.plugin import StageContext
+from harness.modeling import FASTER_RCNN_STRIDES, build_detector
+from harness.plugin import METHODS
 from runkit import detection_batch, method_context
 from methods import fctl as fctl_mod
 from methods import soco as soco_mod
@@ -258,24 +258,13 @@ def test_focal_loss_bf16(alpha, gamma):
 ctx_for, batch = method_context, detection_batch
 
 
-def _method(name: str, tmp_path: Path):
-    cls = METHODS.get(name)
-    return cls({**SOCO_SMALL, "proposal_cache": str(tmp_path / "props")}) if name == "soco" else cls()
-
-
-def _inputs(name: str, stage: str, images):
-    """What the stage's train_dataset hands the model: FCTL's corrective stage trains on twins."""
-    if name == "fctl" and stage == "corrective":
-        return [(im, (im * 0.5 + 0.3).clamp(0, 1)) for im in images]
-    return images
-
-
 @pytest.mark.parametrize("name", METHODS.names())
 def test_last_stage_trains_under_bf16_autocast(name, tmp_path):
     """One step of the last stage as ``run_stage`` runs it with ``schedule.amp`` (CPU: bf16): the
     earlier stages' artifacts are their (untrained) detectors, saved as the harness saves them."""
     torch.manual_seed(0)
-    method = _method(name, tmp_path)
+    cls = METHODS.get(name)
+    method = cls(cls.test_config(tmp_path))
     *earlier, last = method.active_stages
     artifacts = {}
     for stage in earlier:
@@ -291,7 +280,7 @@ def test_last_stage_trains_under_bf16_autocast(name, tmp_path):
     model = method.build_model(last, ctx).train()
     images, targets = batch()
     with amp():
-        terms = method.training_losses(last, model, _inputs(name, last, images), targets, ctx)
+        terms = method.training_losses(last, model, method.example_inputs(last, images), targets, ctx)
         loss = sum(terms.values())
     assert terms
     for k, v in terms.items():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from harness.evaluate import evaluate_coco
-from harness.evaluate.analysis import ERROR_TYPES, error_breakdown, per_class_ap
+from harness.evaluate import ERROR_TYPES, error_breakdown, per_class_ap
 
 CAT, DOG, BIRD = 1, 2, 3
 FAR = [300, 300, 10, 10]   # overlaps nothing

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness.artifacts import ArtifactStore, ProducerClaims, artifact_key
+from harness.storage.artifacts import ArtifactStore, ProducerClaims, artifact_key
 from harness.storage import open_storage
 
 
@@ -31,7 +31,7 @@ def _files(tmp_path, payload: bytes = b"weights", name: str = "src.pt"):
 
 
 def _produce(store: ArtifactStore, key: str, make):
-    """``(folder, reused)``: a producer as a trial is one (:func:`harness.distributed.run_stages`):
+    """``(folder, reused)``: a producer as a trial is one (:func:`harness.sweep.trial.run_stages`):
     claim the artifact if it is missing, make it, publish it; reuse it if it exists."""
     with ProducerClaims(store) as claims:
         if not claims.acquire(key):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import main
+from harness.app.cli import main
 from runkit import DETBENCH
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.evaluate.bootstrap import draw_counts, match_detections, paired_bootstrap, weighted_ap
-from harness.evaluate.coco import evaluate_coco
+from harness.evaluate import draw_counts, match_detections, paired_bootstrap
+from harness.evaluate.bootstrap import weighted_ap
+from harness.evaluate import evaluate_coco
 
 
 def _dataset(seed: int, n_images: int = 14, n_cats: int = 3):

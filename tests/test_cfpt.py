@@ -29,8 +29,9 @@ import torchvision
 from pydantic import ValidationError
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-from harness.errors import ConfigError
-from harness.necks import LEVELS, NECKS, build_neck
+from harness.core import ConfigError
+from harness.modeling import LEVELS, NECKS, build_neck
+from harness.plugin import METHODS
 from methods.cfpt import (CFPT, CFPTConfig, CFPTNeck, CrossLayerChannelAttention, CrossLayerSpatialAttention,
                           cosine_attention, window_geometry)
 
@@ -241,16 +242,23 @@ def test_position_tables_are_declared_decay_free():
 
 
 # --------------------------------------------------------------------------- in detectors and suites
-@pytest.mark.parametrize("method", ["focal", "umop", "cfpt", "fctl"])
-def test_any_retinanet_method_takes_the_cfpt_neck(method):
+RETINANET_METHODS = [n for n in METHODS.names()
+                     if "retinanet" in (METHODS.get(n).arch, *METHODS.get(n).supported_archs)]
+
+
+def test_some_registered_methods_train_retinanet():
+    assert RETINANET_METHODS
+
+
+@pytest.mark.parametrize("method", RETINANET_METHODS)
+def test_any_retinanet_method_takes_the_cfpt_neck(method, tmp_path):
     from harness.config import DetectorSpec, ScheduleSpec
-    from harness.method import StageContext
-    from harness.registry import METHODS
+    from harness.plugin import StageContext
     cls = METHODS.get(method)
-    plugin = cls()
+    plugin = cls(cls.test_config(tmp_path))
     spec = DetectorSpec(fpn_width=32, image_size=64, arch="retinanet", neck="cfpt",
                         neck_config={"num_heads": 2})
-    stage = plugin.stage_names()[0]  # fctl: the ideal model (its corrective stage copies that detector)
+    stage = plugin.stage_names()[0]  # a first stage builds the detector later stages copy
     ctx = StageContext(stage=stage, detector=plugin.stage_detector(stage, spec), arch="retinanet",
                        schedule=ScheduleSpec(epochs=1), num_classes=2, class_names=["a", "b"],
                        device=torch.device("cpu"), seed=0)
@@ -283,7 +291,7 @@ def test_cfpt_method_row_is_focal_with_the_neck():
     ("methods: [{name: cfpt, config: {neck_config: {alpha: 2}}}]", "methods[0].config.neck_config.alpha"),
 ])
 def test_bad_neck_settings_name_the_key_path(tmp_path, extra, field):
-    from harness.config import load_suite
+    from harness.plan import load_suite
     path = tmp_path / "s.yaml"
     path.write_text("datasets: [{name: s, format: synthetic}]\n" + extra + "\n")
     with pytest.raises(ConfigError) as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness.app.cli import main
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_default_is_a_new_local_cluster_even_when_ray_start_left_one(tmp_path):
 
     from ray._private.utils import get_ray_address_file
 
-    from harness.sweep import ray_address
+    from harness.sweep.tuners import ray_address
     from runkit import DETBENCH
     address_file = Path(get_ray_address_file(None))
     saved = address_file.read_text() if address_file.exists() else None

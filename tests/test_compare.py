@@ -11,12 +11,12 @@ import shutil
 
 import pytest
 
-from harness.compare import compare_runs, format_comparison
-from harness.data.coco import load_coco
-from harness.evaluate.coco import evaluate_coco
-from harness.evaluate.detections import detections_rel, write_detections
+from harness.report import compare_runs, format_comparison
+from harness.data import load_coco
+from harness.evaluate import evaluate_coco
+from harness.evaluate import detections_rel, write_detections
 from harness.results import ResultRow, ResultStore
-from harness.runner import prepare_suite
+from harness.app.runner import prepare_suite
 from harness.storage import open_storage
 from test_report import SUITE, _detections, run_info
 
@@ -51,7 +51,7 @@ def make_run(root, name: str, ann, noise: dict[str, float], *, det_seed: int, co
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import write_synthetic_coco
     root = tmp_path_factory.mktemp("compare")
     ann = write_synthetic_coco(root / "data", n_images=40, seed=3, image_size=64, max_objects=3)
     a = make_run(root, "a", ann, {"faster_rcnn": 0.15, "focal": 0.15}, det_seed=0)
@@ -126,7 +126,7 @@ def test_without_detections_in_b_there_is_no_interval_and_a_note(runs, tmp_path)
 
 
 def test_different_test_images_give_no_interval(runs):
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import write_synthetic_coco
     root = runs["root"]
     other = write_synthetic_coco(root / "other", n_images=30, seed=4, image_size=64, max_objects=3)
     d = make_run(root, "d", other, {"faster_rcnn": 0.15}, det_seed=300)
@@ -136,7 +136,7 @@ def test_different_test_images_give_no_interval(runs):
 
 
 def test_no_shared_cells_is_an_answer(runs, tmp_path, capsys):
-    from harness.cli import main
+    from harness.app.cli import main
     storage = open_storage(tmp_path / "elsewhere")
     storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": []})
     common = dict(run_id="e", suite="other-suite", trial_id="t0", cell="c0", method="faster_rcnn", stage="train",
@@ -150,7 +150,7 @@ def test_no_shared_cells_is_an_answer(runs, tmp_path, capsys):
 
 
 def test_cli_prints_markdown_and_writes_it_whole(runs, tmp_path, capsys):
-    from harness.cli import main
+    from harness.app.cli import main
     out_file = tmp_path / "reports" / "a-vs-b.md"
     assert main(["compare", str(runs["a"].local_path("")), str(runs["b"].local_path("")), "--bootstrap", "100",
                  "--ci", "0.8", "--out", str(out_file)]) == 0
@@ -162,7 +162,7 @@ def test_cli_prints_markdown_and_writes_it_whole(runs, tmp_path, capsys):
 
 
 def test_not_a_run_or_a_bad_option_exits_2(runs, tmp_path, capsys):
-    from harness.cli import main
+    from harness.app.cli import main
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty"), str(runs["a"].local_path(""))]) == 2
     assert "not a detbench run directory" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """Suite validation: every mistake is a ConfigError naming the key path, with a suggestion."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from harness.cli import main
-from harness.config import load_suite
-from harness.errors import ConfigError
+from harness.app.cli import main
+from harness.plan import load_suite
+from harness.core import ConfigError
 
 GOOD = """
 name: t
@@ -39,10 +41,27 @@ def test_good_suite_and_defaults(tmp_path):
     assert suite.schedule.epochs >= 1 and suite.detector.backbone == "resnet18"
 
 
-def test_repo_suites_are_valid():
-    from tests.conftest import ROOT
-    for path in (ROOT / "suites").glob("*.yaml"):
-        load_suite(path, check_paths=False)
+SUITES = Path(__file__).resolve().parent.parent / "suites"
+
+
+def _repo_suites() -> list[Path]:
+    return sorted(SUITES.rglob("*.yaml"))
+
+
+def test_the_repo_suites_are_found_in_subfolders_too():
+    names = {p.relative_to(SUITES).as_posix() for p in _repo_suites()}
+    assert "smoke.yaml" in names and any("/" in n for n in names), names
+
+
+@pytest.mark.parametrize("path", _repo_suites(), ids=lambda p: p.relative_to(SUITES).as_posix())
+def test_repo_suite_loads_and_plans(path):
+    """Every suite under suites/ (recursively): read, checked against the registries, planned into cells."""
+    from harness.data import PreparedDataset
+    from harness.plan import plan_cells
+    suite = load_suite(path, check_paths=False)
+    stub = {d.name: PreparedDataset(d.name, "a.json", "a", "b.json", "b") for d in suite.datasets}
+    cells = plan_cells(suite, stub)
+    assert cells and {c.method for c in cells} == {m.name for m in suite.methods}
 
 
 def test_unknown_top_level_key_suggests(tmp_path):
@@ -123,7 +142,7 @@ def test_cli_bad_suite_exits_2_and_leaves_no_run_dir(tmp_path, capsys):
 
 
 def test_smoke_suite_exercises_every_registered_method():
-    from harness.registry import METHODS
+    from harness.plugin import METHODS
     from tests.conftest import ROOT
     suite = load_suite(ROOT / "suites" / "smoke.yaml", check_paths=False)
     assert {m.name for m in suite.methods} == set(METHODS.names())

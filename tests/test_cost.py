@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from harness.config import DetectorSpec
-from harness.cost import detector_cost, evaluation_size
-from harness.models import build_detector
+from harness.modeling import detector_cost, evaluation_size
+from harness.modeling import build_detector
 
 
 def test_cost_counts_parameters_and_conv_flops():
@@ -37,7 +37,7 @@ def test_evaluation_size():
 
 
 def test_methods_cost_cli(capsys, tmp_path, monkeypatch):
-    from harness.cli import main
+    from harness.app.cli import main
     monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
     suite = tmp_path / "s.yaml"
     suite.write_text("datasets: [{name: s, format: synthetic, synthetic: {train_images: 2, val_images: 1, "

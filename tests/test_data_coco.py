@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data.coco import (CocoDetection, check_coco, collate_detection, load_coco)
-from harness.errors import DataError
+from harness.data import CocoDetection, check_coco, collate_detection, load_coco
+from harness.core import DataError
 
 W, H = 40, 30
 

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from harness.data.coco import CocoDetection, load_coco
-from harness.data.synthetic import write_synthetic_coco
-from harness.errors import ConfigError, DataError
+from harness.data import CocoDetection, load_coco
+from harness.data import write_synthetic_coco
+from harness.core import ConfigError, DataError
 
 
 def _files(root):
@@ -120,7 +120,7 @@ def test_bad_parameters(tmp_path, kw):
 # -- VisDrone-format synthetic data ---------------------------------------------------
 
 def test_visdrone_deterministic_bytes(tmp_path):
-    from harness.data.synthetic import write_synthetic_visdrone
+    from harness.data import write_synthetic_visdrone
     a = write_synthetic_visdrone(tmp_path / "a", n_images=4, seed=7, image_size=(160, 96))
     b = write_synthetic_visdrone(tmp_path / "b", n_images=4, seed=7, image_size=(160, 96))
     c = write_synthetic_visdrone(tmp_path / "c", n_images=4, seed=8, image_size=(160, 96))
@@ -132,8 +132,9 @@ def test_visdrone_deterministic_bytes(tmp_path):
 
 
 def test_visdrone_has_every_quirk_and_parses(tmp_path):
-    from harness.data.synthetic import write_synthetic_visdrone
-    from harness.data.visdrone import convert_visdrone, parse_visdrone_annotation
+    from harness.data import write_synthetic_visdrone
+    from harness.data import convert_visdrone
+    from harness.data.visdrone import parse_visdrone_annotation
     src = write_synthetic_visdrone(tmp_path / "d", n_images=5, seed=0, image_size=(192, 128))
     texts = [p.read_text() for p in sorted((src / "annotations").glob("*.txt"))]
     assert len(texts) == 5
@@ -159,7 +160,7 @@ def test_visdrone_has_every_quirk_and_parses(tmp_path):
 
 
 def test_visdrone_reuse_replace_and_foreign(tmp_path):
-    from harness.data.synthetic import write_synthetic_visdrone
+    from harness.data import write_synthetic_visdrone
     out = tmp_path / "d"
     write_synthetic_visdrone(out, n_images=2, seed=0, image_size=64)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -180,7 +181,7 @@ def test_visdrone_reuse_replace_and_foreign(tmp_path):
                                 {"image_size": (64, 8)}, {"min_objects": 9, "max_objects": 4},
                                 {"seed": -1}, {"max_objects": 1}])
 def test_visdrone_bad_parameters(tmp_path, kw):
-    from harness.data.synthetic import write_synthetic_visdrone
+    from harness.data import write_synthetic_visdrone
     with pytest.raises(ConfigError):
         write_synthetic_visdrone(tmp_path / "d", **{"n_images": 2, "seed": 0, **kw})
     assert not (tmp_path / "d").exists()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.errors import ConfigError
-from harness.method import StageContext
-from harness.models import FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector
-from harness.registry import METHODS
+from harness.core import ConfigError
+from harness.plugin import StageContext
+from harness.modeling import FASTER_RCNN_STRIDES, RETINANET_STRIDES, build_detector
+from harness.plugin import METHODS
 from methods.defeat import (DeFeat, DeFeatConfig, DeFeatStudent, decoupled_kd_loss, decoupled_neck_loss,
                             gt_level_masks, make_adapters)
 
@@ -353,7 +353,7 @@ def test_config_defaults_and_parts():
 
 
 def test_teacher_artifact_key_ignores_distillation_fields(registered):
-    from harness.distributed import stage_artifact_key
+    from harness.plan import stage_artifact_key
     from dataclasses import replace
     from runkit import make_cell
     cell = make_cell("defeat", {}, {"name": "d", **{f: "x" for f in ("train_annotations", "train_images",
@@ -367,7 +367,9 @@ def test_teacher_artifact_key_ignores_distillation_fields(registered):
 
 
 def test_ablation_suite_is_valid(registered):
-    from harness.config import detector_for, load_suite, method_label
+    from harness.config import detector_for
+    from harness.plan import load_suite
+    from harness.config import method_label
     suite = load_suite(ROOT / "suites" / "defeat_ablation.yaml", check_paths=False)
     assert suite.datasets[0].format == "coco" and suite.detector.backbone == "resnet18"
     labels = [method_label(m) for m in suite.methods]
@@ -383,8 +385,8 @@ def test_ablation_suite_is_valid(registered):
 
 def test_harness_runs_teacher_then_student(registered, tmp_path):
     """The engine's own loop: the teacher stage's detector becomes the student stage's artifact."""
-    from harness.data.synthetic import write_synthetic_coco
-    from harness.distributed import stage_job
+    from harness.data import write_synthetic_coco
+    from harness.plan import stage_job
     from harness.engine import run_stage
     from runkit import make_cell
     tr = write_synthetic_coco(tmp_path / "train", n_images=4, seed=0, image_size=64, max_objects=2)

@@ -1,4 +1,4 @@
-"""Corruptions, condition lists, the render cache and FCTL twins (harness.data.degrade and the
+"""Corruptions, condition lists, the render cache and FCTL twins (harness.data.corruptions, conditions, render_cache, twins and the
 modules it re-exports: corruptions, conditions, render_cache, twins)."""
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import degrade as D
+from harness.data import corruptions as C
 from harness.data import render_cache as RC
-from harness.data.coco import CocoDetection, load_coco, load_rgb
-from harness.data.degrade import (CLEAN, CORRUPTIONS, FAMILY, GROUPS, Condition, DegradedTwins,
-                                  corrupt, expand_conditions, image_seed, render_condition)
-from harness.errors import ConfigError, DataError
+from harness.data import CocoDetection, load_coco, load_rgb
+from harness.data import CLEAN, Condition, expand_conditions
+from harness.data import CORRUPTIONS, FAMILY, GROUPS, corrupt, image_seed
+from harness.data import DegradedTwins
+from harness.data import render_condition
+from harness.core import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 MOVING = {"glass_blur", "motion_blur", "zoom_blur", "elastic_transform"}
@@ -105,7 +107,7 @@ def test_corruptions_identical_in_a_fresh_process(tmp_path):
     np.save(tmp_path / "img.npy", img)
     here = {n: hashlib.sha256(corrupt(img, n, 2, 99).tobytes()).hexdigest() for n in CORRUPTIONS}
     code = ("import hashlib, json, sys, numpy as np\n"
-            "from harness.data.degrade import corrupt, CORRUPTIONS\n"
+            "from harness.data.corruptions import corrupt, CORRUPTIONS\n"
             "img = np.load(sys.argv[1])\n"
             "print(json.dumps({n: hashlib.sha256(corrupt(img, n, 2, 99).tobytes()).hexdigest() "
             "for n in CORRUPTIONS}))")
@@ -141,7 +143,7 @@ def test_ours_get_worse_with_severity(name):
     mad = [np.abs(corrupt(img, name, s, 5).astype(float) - img).mean() for s in range(1, 6)]
     assert all(b > a + 2 for a, b in zip(mad, mad[1:])), mad
     assert mad[0] > 1.0
-    assert D.RAIN_PARAMS.keys() == D.DARK_PARAMS.keys() == set(range(1, 6))
+    assert C.RAIN_PARAMS.keys() == C.DARK_PARAMS.keys() == set(range(1, 6))
 
 
 def test_image_seed_is_stable():
@@ -155,7 +157,7 @@ def test_image_seed_is_stable():
 # -------------------------------------------------------------- render cache
 @pytest.fixture
 def data(tmp_path):
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import write_synthetic_coco
     ann = write_synthetic_coco(tmp_path / "src", n_images=4, seed=3, image_size=64, max_objects=2)
     return load_coco(ann, ann.parent)
 
@@ -176,10 +178,10 @@ def test_render_condition_reuse_and_repair(data, tmp_path, count_renders):
     cond = Condition("fog", 2)
     root = render_condition(data, cond, tmp_path / "cache", progress=True)
     assert len(count_renders) == 4
-    assert root == tmp_path / "cache" / D.dataset_key(data.ann_file) / "fog@2"
+    assert root == tmp_path / "cache" / RC.dataset_key(data.ann_file) / "fog@2"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["complete"] and manifest["params"]["severity"] == 2
-    assert not (root / D.JOURNAL).exists()
+    assert not (root / RC.JOURNAL).exists()
     for fn, rec in manifest["files"].items():
         assert hashlib.sha256((root / fn).read_bytes()).hexdigest() == rec["sha256"]
     # pixels = corrupt(source, seed of the image id); the annotations work on the root
@@ -237,8 +239,8 @@ def test_render_resumes_after_kill(data, tmp_path, monkeypatch):
     monkeypatch.setattr(RC, "_render_one", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         render_condition(data, Condition("rain", 3), tmp_path / "c")
-    root = D.condition_root(data, Condition("rain", 3), tmp_path / "c")
-    assert not (root / "manifest.json").exists() and (root / D.JOURNAL).exists()
+    root = RC.condition_root(data, Condition("rain", 3), tmp_path / "c")
+    assert not (root / "manifest.json").exists() and (root / RC.JOURNAL).exists()
     assert not list(root.rglob("*.tmp"))
     done.clear()
     monkeypatch.setattr(RC, "_render_one", lambda *a: done.append(a) or real(*a))
@@ -307,7 +309,7 @@ def test_twins_on_the_fly(data):
 def test_twins_from_cache(data, tmp_path):
     tw = DegradedTwins(CocoDetection(data), ["snow@2"], cache_dir=tmp_path / "c")
     clean, deg, _ = tw[2]
-    root = D.condition_root(data, Condition("snow", 2), tmp_path / "c")
+    root = RC.condition_root(data, Condition("snow", 2), tmp_path / "c")
     assert torch.equal(deg, load_rgb(root / data.images[2]["file_name"]))
     assert clean.shape == deg.shape
     with pytest.raises(ConfigError, match="transform"):

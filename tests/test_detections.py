@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.evaluate.coco import coco_detections_from_outputs
-from harness.evaluate.detections import (condition_key, decode_detections, detections_rel, encode_detections,
-                                         to_coco_results)
+from harness.evaluate import coco_detections_from_outputs
+from harness.evaluate import condition_key, detections_rel, to_coco_results
+from harness.evaluate.detections import decode_detections, encode_detections
 
 
 def _outputs(n=50, seed=0):

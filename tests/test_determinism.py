@@ -7,9 +7,9 @@ import torch
 import math
 
 from harness.config import DetectorSpec, ResourcesSpec, ScheduleSpec
-from harness.distributed import stage_job
+from harness.plan import stage_job
 from harness.engine import run_stage
-from harness.records import RunInfo, StageOutput
+from harness.plan import RunInfo, StageOutput
 from harness.results import rows_for_trial
 from runkit import make_cell
 

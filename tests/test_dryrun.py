@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.dryrun import (EVAL_WEIGHT, format_plan, plan_suite, steps_per_epoch, val_evaluations)
-from harness.errors import ConfigError
+from harness.plan.estimate import EVAL_WEIGHT, steps_per_epoch, val_evaluations
+from harness.plan import format_plan, plan_suite
+from harness.core import ConfigError
 
 # shapes: 10 train images x repeat 3 = 30 per epoch, 4 val images, 2 corruptions of val (fog@1, fog@3).
 # Schedule: 3 epochs (fctl 2), eval every 2 epochs and at the last one.
@@ -143,15 +144,11 @@ def test_earlier_stages_shared_between_cells_and_trials(tmp_path):
 
 def test_shared_stages_agree_with_the_trial_artifact_key(tmp_path):
     """The dry run's stage key groups cells exactly as the trial's artifact key does."""
-    try:
-        from harness.distributed import stage_artifact_key
-    except ImportError as exc:  # pragma: no cover - the training engine is being edited
-        pytest.skip(f"harness.distributed not importable: {exc}")
-    from harness.config import load_suite
-    from harness.dryrun import stage_key
-    from harness.plan import plan_cells
-    from harness.data.loader import PreparedDataset
     from dataclasses import replace
+
+    from harness.data import PreparedDataset
+    from harness.plan import load_suite, plan_cells, stage_artifact_key
+    from harness.plan.estimate import stage_key
     text = TINY.replace("  - name: focal\n", "  - name: fctl\n    config: {variant: degraded_only}\n"
                         "    schedule: {epochs: 2}\n  - name: focal\n")
     suite = load_suite(write(tmp_path, text), check_paths=False)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.leaderboard import render_leaderboard
+from harness.report import render_leaderboard
 from harness.results import ResultStore, validate_frame
-from harness.runner import run_suite
+from harness.app import run_suite
 from runkit import TINY_DATA, final_checkpoint_state
 
 SUITE = """
@@ -163,7 +163,7 @@ def test_fctl_sweep_trains_the_ideal_stage_once(tmp_path, tiny_data, ray_local):
     store = ResultStore(run_dir)
     df = store.read()
     assert len(store.trial_ids()) == 3 and (df["status"] == "ok").all()
-    from harness.artifacts import ArtifactStore
+    from harness.storage.artifacts import ArtifactStore
     artifacts = ArtifactStore(run_dir / "artifacts").list()
     assert len(artifacts) == 1 and artifacts[0]["stage"] == "ideal"
     # One Train run per trial; only the producer's ran the ideal stage (its last checkpoint lists
@@ -201,7 +201,7 @@ def test_two_stage_trial_on_two_ddp_workers(tmp_path, tiny_data, ray_local):
     run_dir = Path(run_suite(suite, out_dir=tmp_path / "runs", name="ddp", progress=False)).parent
     df = ResultStore(run_dir).read()
     assert (df["status"] == "ok").all() and set(df["stage"]) == {"ideal", "corrective"}
-    from harness.artifacts import ArtifactStore
+    from harness.storage.artifacts import ArtifactStore
     (artifact,) = ArtifactStore(run_dir / "artifacts").list()
     (trial,) = ResultStore(run_dir).trial_ids()
     assert artifact["stage"] == "ideal" and artifact["trial_id"] == trial
@@ -213,8 +213,8 @@ def test_two_stage_trial_on_two_ddp_workers(tmp_path, tiny_data, ray_local):
 
 def test_status_then_retry_failed_reruns_only_the_failed_cell(micro_run):
     """Runs last in this module: it changes the micro run."""
-    from harness.runner import resume_run
-    from harness.status import format_status, run_status
+    from harness.app import resume_run
+    from harness.app import format_status, run_status
     run_dir, _ = micro_run
     status = run_status(run_dir)
     assert status["driver"] == "finished" and status["counts"] == {"done": 2, "failed": 1}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.data.loader import PreparedDataset
+from harness.data import PreparedDataset
 from harness.engine import NonFiniteLoss, StageJob, lr_factor, run_stage
-from harness.method import Method
+from harness.plugin import Method
 from methods.faster_rcnn import FasterRCNNBaseline
 
 TINY = DetectorSpec(fpn_width=16, image_size=64)
@@ -37,9 +37,9 @@ def test_two_epochs_history_and_eval(tiny_data):
 
 def test_final_detections_are_kept_and_give_the_rows_ap(tiny_data, tmp_path):
     """The kept detections re-evaluate to exactly the recorded AP (the bootstrap's premise)."""
-    from harness.data.loader import load_split
-    from harness.evaluate.coco import evaluate_coco
-    from harness.evaluate.detections import read_detections
+    from harness.data import load_split
+    from harness.evaluate import evaluate_coco
+    from harness.evaluate import read_detections
     from harness.storage import open_storage
     storage = open_storage(tmp_path / "detections")
     j = job(tiny_data, epochs=1)
@@ -106,7 +106,7 @@ def test_bf16_autocast_on_cpu_trains_and_checkpoints_the_scaler(tiny_data):
 
 def test_finiteness_is_looked_at_every_few_steps_not_every_step(tiny_data, monkeypatch):
     """The loop's only host syncs: one finiteness look per FINITE_CHECK_EVERY steps (and at the end)."""
-    import harness.engine as engine
+    import harness.engine.stage as engine
     looks = []
     original = engine.FiniteWatch.check
     monkeypatch.setattr(engine.FiniteWatch, "check", lambda self, *a: (looks.append(1), original(self, *a)))
@@ -135,7 +135,7 @@ def test_loss_weights_scale_terms_and_still_log_them(tiny_data, monkeypatch):
     nan_safe = lambda d: {k: "nan" if v != v else v for k, v in d.items()}  # noqa: E731  (NaN != NaN)
     assert nan_safe(off.last_eval) == nan_safe(plain.last_eval)   # weight 0: exactly the plain run
     assert on.history[0]["train/loss_classifier"] != plain.history[0]["train/loss_classifier"]
-    import harness.engine as engine
+    import harness.engine.stage as engine
     said = []
     monkeypatch.setattr(engine.log, "warning", lambda msg, *a: said.append(msg % a))
     run_stage(job(tiny_data, epochs=1, loss_weights={"clasifier": 0.0}), device=torch.device("cpu"), max_steps=1)

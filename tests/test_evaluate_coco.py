@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from harness.errors import DataError
+from harness.core import DataError
 from harness.evaluate import coco_detections_from_outputs, evaluate_coco
 from harness.evaluate.coco import METRIC_KEYS
 

@@ -16,7 +16,7 @@ import pytest
 from runkit import (DETBENCH, TINY_DATA, checkpoints, final_checkpoint_state, markers, pids_matching, ray_gone,
                     ray_pids, start_detbench, wait_for)
 from harness.results import ResultStore
-from harness.status import run_status
+from harness.app import run_status
 
 SUITE = """
 name: faults

@@ -10,9 +10,9 @@ import torch
 
 import methods.fctl as fctl_mod
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.errors import ConfigError
-from harness.method import StageContext
-from harness.registry import METHODS
+from harness.core import ConfigError
+from harness.plugin import StageContext
+from harness.plugin import METHODS
 from methods.fctl import (FCTL, CorrectiveModel, FCTLConfig, OmegaSum, decay, eansdl, level_radius,
                           omega_map_reference, sobel_magnitude)
 
@@ -220,8 +220,8 @@ def test_levels_beyond_the_fpn_are_refused():
 
 # --------------------------------------------------------------------------- data, config
 def test_train_dataset_gives_geometry_sharing_twins(tiny_data):
-    from harness.data.coco import CocoDetection
-    from harness.data.loader import load_split
+    from harness.data import CocoDetection
+    from harness.data import load_split
     method = FCTL({"train_conditions": ["fog@3", "dark@2"]})
     data = CocoDetection(load_split(tiny_data, "train"))
     twins = method.train_dataset("corrective", ctx_for(), data)
@@ -234,7 +234,7 @@ def test_train_dataset_gives_geometry_sharing_twins(tiny_data):
 
 def test_train_conditions_default_to_the_suites_corruptions():
     method = FCTL()
-    from harness.data.loader import PreparedCondition
+    from harness.data import PreparedCondition
     conds = [PreparedCondition("fog@3", "fog", 3, "a.json", "imgs"),
              PreparedCondition("rtts", "rtts", 0, "b.json", "rtts", by_name=True)]
     assert [c.label for c in method.train_conditions(ctx_for(conditions=conds))] == ["fog@3"]
@@ -257,7 +257,7 @@ def test_config_defaults_validation_and_sweepable_fields():
 
 
 def test_ideal_artifact_key_ignores_every_fctl_field():
-    from harness.distributed import stage_artifact_key
+    from harness.plan import stage_artifact_key
     from dataclasses import replace
     from runkit import make_cell
     cell = make_cell("fctl", {}, {"name": "d", **{f: "x" for f in ("train_annotations", "train_images",
@@ -271,19 +271,21 @@ def test_ideal_artifact_key_ignores_every_fctl_field():
 
 
 def test_weather_suite_is_valid():
-    from harness.config import load_suite, method_label
+    from harness.plan import load_suite
+    from harness.config import method_label
     suite = load_suite(ROOT / "suites" / "fctl_weather.yaml", check_paths=False)
     labels = {method_label(m): m for m in suite.methods}
     names = {c if isinstance(c, str) else c.get("corruption") for c in suite.conditions}
     assert {"rain", "fog", "dark"} <= {n.split("@")[0] for n in names if n}
-    for m in suite.methods:
-        if m.name == "fctl" and m.config.get("variant", "fctl") == "fctl":
-            assert m.baseline in labels and labels[m.baseline].config.get("variant") == "degraded_only"
+    corrective = [m for m in suite.methods if m.name == "fctl" and m.config.get("variant", "fctl") == "fctl"]
+    assert corrective, "the weather suite has no FCTL (corrective) row"
+    for m in corrective:
+        assert m.baseline in labels and labels[m.baseline].config.get("variant") == "degraded_only"
 
 
 def test_harness_runs_ideal_then_corrective(tiny_data, tmp_path):
     """The engine's own loop: degraded twins per epoch, the ideal artifact, EANSDL and decay logged."""
-    from harness.distributed import stage_job
+    from harness.plan import stage_job
     from harness.engine import run_stage
     from runkit import make_cell
     cell = make_cell("fctl", {"train_conditions": ["fog@2"], "levels": [0, 1]}, tiny_data, detector=TINY,

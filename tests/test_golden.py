@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.golden import check_run, read_golden, run_values
+from harness.app.cli import main
+from harness.report import check_run
+from harness.report.golden import read_golden, run_values
 from harness.results import ResultRow, ResultStore
 
 BASE = dict(run_id="r", suite="s", stage="train", dataset="shapes", config_hash="h", config_json="{}",

@@ -9,7 +9,7 @@ import re
 import pytest
 from browserkit import inspect_page, open_browser
 
-from harness.html_report import (HtmlReport, ImageBlock, KeyValueBlock, Section, TableBlock, TextBlock,
+from harness.report.html import (HtmlReport, ImageBlock, KeyValueBlock, Section, TableBlock, TextBlock,
                                  render_html_report)
 
 NASTY = '<b>&"'  # a cell that must come out as text, not markup

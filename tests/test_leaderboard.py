@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from harness.leaderboard import (SMOKE_BANNER, build_leaderboard, format_for_terminal,
-                                 render_leaderboard, write_leaderboard)
+from harness.report import (SMOKE_BANNER, build_leaderboard, format_for_terminal, render_leaderboard,
+                            write_leaderboard)
 from harness.results import ResultRow, ResultStore
 
 BASE = dict(run_id="run1", suite="s", cell="voc/clean", stage="final", dataset="voc",
@@ -227,7 +227,7 @@ def test_baseline_without_rows_on_a_dataset_leaves_an_empty_gain_and_a_note():
 def test_published_column_never_on_smoke_rows():
     import pandas as pd
 
-    from harness.published import load_published
+    from harness.report import load_published
     ref = load_published()["tv_retinanet_r50_fpn_v1"]
     rows = [{**_final_row("focal", 0, 0.30), "dataset": "coco"}]
     board = build_leaderboard(pd.DataFrame(rows), metrics=("AP",), published={"focal": ref})

@@ -5,7 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from harness.runner import LOCK_FILE, lock_status
+from harness.app.runner import LOCK_FILE, lock_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,6 @@ def test_lock_status_names_what_differs(tmp_path):
 
 def test_this_environment_matches_the_lock():
     """make install installs the lock: a mismatch here means the environment was built otherwise."""
-    from harness.runner import package_versions
+    from harness.app.runner import package_versions
     status = lock_status(package_versions())
     assert status["matches"], status["differs"]

@@ -1,4 +1,4 @@
-"""Live monitoring (harness.loggers): the callbacks each logger gets, the errors up front, what
+"""Live monitoring (harness.sweep.loggers): the callbacks each logger gets, the errors up front, what
 TensorBoard and MLflow receive from a real Tune run, and Optuna journals that optuna-dashboard opens."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError
-from harness.loggers import (EpochMLflowLoggerCallback, EpochTBXLoggerCallback, NoTBXLoggerCallback,
-                             check_loggers, logger_callbacks, result_scalars, trial_params)
+from harness.core import ConfigError
+from harness.sweep.loggers import (EpochMLflowLoggerCallback, EpochTBXLoggerCallback, NoTBXLoggerCallback,
+                                   result_scalars, trial_params)
+from harness.sweep import check_loggers, logger_callbacks
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +120,7 @@ def test_missing_package_refused_up_front(tmp_path, monkeypatch, logger, module,
 
 def test_every_logger_a_suite_may_name_is_known():
     from harness.config import LOGGERS
-    from harness.loggers import PACKAGES
+    from harness.sweep.loggers import PACKAGES
     assert tuple(PACKAGES) == LOGGERS
 
 
@@ -268,9 +269,10 @@ def test_run_sweep_gives_every_tuner_fresh_logger_callbacks(tmp_path, monkeypatc
     from ray import tune
 
     from harness.config import DetectorSpec, ResourcesSpec, ScheduleSpec, SearchSpec
-    from harness.data.loader import PreparedDataset
-    from harness.records import Cell, RunInfo
-    from harness.sweep import run_sweep, trial_config
+    from harness.data import PreparedDataset
+    from harness.plan import Cell, RunInfo
+    from harness.sweep import run_sweep
+    from harness.sweep import trial_config
 
     made, restored = [], []
 

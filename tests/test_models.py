@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from harness.config import DetectorSpec
-from harness.errors import ConfigError
-from harness.models import base_anchor_size, build_detector, load_checkpoint
+from harness.core import ConfigError
+from harness.modeling.detectors import base_anchor_size
+from harness.modeling import build_detector, load_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
@@ -82,7 +83,7 @@ def test_no_neck_ablation_gives_the_same_levels(arch):
 
 
 def test_unknown_neck_and_bad_neck_config(tmp_path):
-    from harness.config import load_suite
+    from harness.plan import load_suite
     base = "datasets: [{name: s, format: synthetic}]\nmethods: [{name: focal}]\n"
     for extra, field in (("detector: {neck: fpnn}", "detector.neck"),
                          ("detector: {neck: fpn, neck_config: {depth: 2}}", "detector.neck_config.depth")):
@@ -98,25 +99,32 @@ def test_unknown_neck_and_bad_neck_config(tmp_path):
 
 # ---------------------------------------------------------------- registries (backbones, detector archs)
 
-from harness.backbones import BACKBONES, build_backbone_body  # noqa: E402
-from harness.models import DETECTORS  # noqa: E402
+from harness.modeling import BACKBONES, build_backbone_body  # noqa: E402
+from harness.modeling import DETECTORS  # noqa: E402
 
 
-def test_registries_hold_the_builtins():
-    from harness.config import ARCHS, BACKBONES as BUILTIN
-    assert set(BUILTIN) <= set(BACKBONES.names())  # the entry points of pyproject.toml
-    assert set(ARCHS) <= set(DETECTORS.names())
+def test_registries_hold_every_declared_entry_point():
+    """Each backbone declared under ``detbench.backbones`` (this project's and any installed package's)
+    loads into the registry; each registered arch has its pyramid levels and classification term."""
+    from importlib.metadata import entry_points
+
+    from harness.modeling import CLASSIFICATION_TERMS, LEVELS
+    declared = {ep.name for ep in entry_points(group="detbench.backbones")}
+    assert declared and declared <= set(BACKBONES.names())
+    assert DETECTORS.names() and all(arch in LEVELS and arch in CLASSIFICATION_TERMS for arch in DETECTORS.names())
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("arch", DETECTORS.names())
 @pytest.mark.parametrize("backbone", BACKBONES.names())
-def test_every_registered_backbone_builds_both_archs(backbone, arch):
+def test_every_registered_backbone_builds_every_arch(backbone, arch):
+    """The FPN neck gives each arch its pyramid (:data:`LEVELS`): the strides it declares, the width asked."""
+    from harness.modeling import LEVELS
     spec = DetectorSpec(backbone=backbone, fpn_width=8, image_size=64)
     model = build_detector(spec, num_classes=2, arch=arch).eval()
     with torch.no_grad():
         feats = model.backbone(torch.rand(1, 3, 64, 64))
-    strides = (4, 8, 16, 32, 64) if arch == "faster_rcnn" else (8, 16, 32, 64, 128)
+    strides = LEVELS[arch][1]
     assert [f.shape[1:] for f in feats.values()] == [(8, max(1, -(-64 // s)), max(1, -(-64 // s))) for s in strides]
 
 
@@ -127,7 +135,9 @@ def test_backbone_plugin_contract(backbone):
     from torchvision.models._utils import IntermediateLayerGetter
     info = BACKBONES.get(backbone)
     spec = DetectorSpec(backbone=backbone, image_size=64, trainable_layers=info.max_trainable_layers)
-    assert spec.backbone_stages == info.max_trainable_layers
+    from harness.modeling import trainable_stages
+    assert trainable_stages(spec) == info.max_trainable_layers
+    assert trainable_stages(DetectorSpec(backbone=backbone)) == info.max_trainable_layers  # from scratch: all
     body, stages, channels = build_backbone_body(spec)
     getter = IntermediateLayerGetter(body, {name: name for name in stages}).eval()  # up to the last stage
     assert all(p.requires_grad for p in getter.parameters())
@@ -136,12 +146,18 @@ def test_backbone_plugin_contract(backbone):
     assert [tuple(f.shape[1:]) for f in out.values()] == [(c, 64 // s, 64 // s) for c, s in zip(channels, (4, 8, 16, 32))]
     frozen, _, _ = build_backbone_body(spec.model_copy(update={"trainable_layers": 0}))
     assert not any(p.requires_grad for p in frozen.parameters())
-    with pytest.raises(ValueError, match="trainable_layers"):  # the plugin's count (or the field's bound, 6)
-        DetectorSpec(backbone=backbone, trainable_layers=info.max_trainable_layers + 1)
+    from pathlib import Path
+
+    from harness.core import ConfigError
+    from harness.plan.check import check_detector
+    too_many = DetectorSpec(backbone=backbone, trainable_layers=info.max_trainable_layers + 1)
+    with pytest.raises(ConfigError, match=f"0..{info.max_trainable_layers}, got") as err:  # the plugin's count
+        check_detector(too_many, "faster_rcnn", Path("suite.yaml"), {}, 0)
+    assert err.value.field == "detector.trainable_layers"
 
 
 def test_unknown_backbone_suggests(tmp_path):
-    from harness.config import load_suite
+    from harness.plan import load_suite
     path = tmp_path / "s.yaml"
     path.write_text("datasets: [{name: s, format: synthetic}]\nmethods: [{name: focal}]\n"
                     "detector: {backbone: resnet81}\n")

@@ -1,4 +1,4 @@
-"""harness.plan.plan_cells and the Cell record: suite -> cells, to / from the Ray boundary, config hash."""
+"""harness.plan.cells.plan_cells and the Cell record: suite -> cells, to / from the Ray boundary, config hash."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ScheduleSpec, load_suite
-from harness.data.loader import PreparedCondition, PreparedDataset
-from harness.errors import ConfigError
+from harness.config import ScheduleSpec
+from harness.plan import load_suite
+from harness.data import PreparedCondition, PreparedDataset
+from harness.core import ConfigError
 from harness.plan import plan_cells
-from harness.records import Cell, RunInfo, StageOutput
+from harness.plan import Cell, RunInfo, StageOutput
 from harness.results import config_hash, rows_for_trial
 
 SUITE = """\

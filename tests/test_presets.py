@@ -1,4 +1,4 @@
-"""harness.presets: torchvision's five zoo detectors, rebuilt module for module.
+"""harness.modeling.presets: torchvision's five zoo detectors, rebuilt module for module.
 
 Every comparison is against torchvision's own builder called with ``weights=None,
 weights_backbone=None`` (nothing is downloaded; ``num_params`` is read from the weights
@@ -23,8 +23,8 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 from torchvision.ops import FrozenBatchNorm2d
 
 from harness.config import DetectorSpec
-from harness.errors import ConfigError
-from harness.presets import TORCHVISION_MODELS, build_preset
+from harness.core import ConfigError
+from harness.modeling.presets import TORCHVISION_MODELS, build_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
@@ -319,7 +319,7 @@ def test_bad_combination_is_a_config_error(preset, arch):
 
 
 def test_build_detector_dispatches_to_presets():
-    from harness.models import build_detector
+    from harness.modeling import build_detector
     spec = DetectorSpec(preset="torchvision_v2", backbone="mobilenet_v3")
     with pytest.raises(ConfigError, match="torchvision_v2"):
         build_detector(spec, 3, "faster_rcnn")

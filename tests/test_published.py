@@ -10,8 +10,9 @@ import yaml
 from torchvision.models import detection
 from torchvision.models._api import WeightsEnum
 
-from harness.errors import ConfigError
-from harness.published import COLUMNS, DEFAULT, PublishedRef, load_published, published_for
+from harness.core import ConfigError
+from harness.report.published import COLUMNS, DEFAULT, PublishedRef, published_for
+from harness.report import load_published
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ",".join(COLUMNS)

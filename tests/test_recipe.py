@@ -11,7 +11,7 @@ import torch
 from torchvision.models import resnet50
 
 from harness.results import ResultStore
-from harness.runner import run_suite
+from harness.app import run_suite
 
 PRESET_SUITE = """
 name: recipe

@@ -12,13 +12,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from harness.data.coco import load_coco
-from harness.evaluate.coco import evaluate_coco
-from harness.evaluate.detections import detections_rel, write_detections
-from harness.records import RunInfo
+from harness.data import load_coco
+from harness.evaluate import evaluate_coco
+from harness.evaluate import detections_rel, write_detections
+from harness.plan import RunInfo
 from harness.report import write_run_outputs
 from harness.results import ResultRow, ResultStore
-from harness.runner import prepare_suite
+from harness.app.runner import prepare_suite
 from harness.storage import open_storage
 
 #: A suite over one COCO-format set (``str.format``: name, methods, ann, img); test_compare's too.
@@ -67,7 +67,7 @@ def _detections(gt: dict, noise: float, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from harness.data.synthetic import write_synthetic_coco
+    from harness.data import write_synthetic_coco
     root = tmp_path_factory.mktemp("report")
     ann = write_synthetic_coco(root / "data", n_images=40, seed=3, image_size=64, max_objects=3)
     suite = root / "suite.yaml"
@@ -177,7 +177,7 @@ def test_report_html_in_a_real_browser(run_dir):
 
 
 def test_a_run_without_rows_is_refused(tmp_path):
-    from harness.cli import main
+    from harness.app.cli import main
     storage = open_storage(tmp_path / "run")
     storage.write_json("run.json", {"run": run_info(storage).to_dict(), "cells": []})
     storage.write_json("manifest.json", {})
@@ -186,7 +186,7 @@ def test_a_run_without_rows_is_refused(tmp_path):
 
 
 def test_bad_published_file_stops_before_any_table_is_written(run_dir, tmp_path, monkeypatch):
-    import harness.published as published
+    import harness.report.published as published
     bad = tmp_path / "published.csv"
     bad.write_text("key,method,dataset,detector,schedule,metric,value,source\n"
                    "tv_retinanet_r50_fpn_v1,focal,coco,RetinaNet,1x,AP,lots,somewhere\n")
@@ -195,7 +195,7 @@ def test_bad_published_file_stops_before_any_table_is_written(run_dir, tmp_path,
     shutil.copytree(run_dir.local_path(""), copy.local_path(""), dirs_exist_ok=True)
     for f in ("leaderboard.md", "report.html"):
         copy.delete(f)
-    from harness.errors import ConfigError
+    from harness.core import ConfigError
     with pytest.raises(ConfigError, match="value"):
         write_run_outputs(copy)
     assert not copy.exists("leaderboard.md") and not copy.exists("report.html")

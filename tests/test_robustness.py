@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.data.degrade import GROUPS
-from harness.evaluate.robustness import plot_ap_vs_severity, robustness_metrics
+from harness.data import GROUPS
+from harness.evaluate import plot_ap_vs_severity, robustness_metrics
 
 
 def _rows(method, variant, cells, *, dataset="d", metric="AP", **extra):

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from harness.artifacts import ArtifactStore
+from harness.storage.artifacts import ArtifactStore
 from harness.results import ResultStore
-from harness.status import run_status
+from harness.app import run_status
 from harness.storage import open_storage
 from runkit import DETBENCH, TINY_DATA, ray_gone, ray_pids, start_detbench, wait_for
 from s3kit import TEST_ENV

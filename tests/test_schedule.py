@@ -9,7 +9,7 @@ from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
 from harness.engine import RepeatedDataset, lr_factor, parameter_groups
-from harness.models import build_detector
+from harness.modeling import build_detector
 
 
 def test_multistep_with_warmup_factor_as_torchvision_references():

@@ -16,26 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.registry import METHODS
+from harness.plugin import METHODS
 
 pytestmark = pytest.mark.signal
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The term each method's detector learns its classes from (what "broken" switches off).
-MAIN_TERM = {"faster_rcnn": "loss_classifier", "defeat": "loss_classifier", "soco": "loss_classifier",
-             "fctl": "loss_classifier", "focal": "classification", "umop": "classification",
-             "cfpt": "classification"}
 
 
 @pytest.fixture(scope="module")
 def smoke_cells():
-    from harness.runner import prepare_suite
+    from harness.app.runner import prepare_suite
     checked = prepare_suite(ROOT / "suites" / "smoke.yaml")
     return {c.method: c for c in checked.cells if c.dataset.name == "shapes"}
 
 
 def _clean_ap50(cell, folder: Path) -> float:
-    from harness.distributed import stage_job
+    from harness.plan import stage_job
     from harness.engine import run_stage
     artifacts: dict[str, str] = {}
     state = None
@@ -47,18 +43,19 @@ def _clean_ap50(cell, folder: Path) -> float:
     return float(state.last_eval["AP50"])
 
 
-def test_every_method_has_a_main_term():
-    assert set(MAIN_TERM) == set(METHODS.names())
+def test_the_smoke_suite_has_a_cell_of_every_method(smoke_cells):
+    assert set(smoke_cells) == set(METHODS.names())
 
 
-@pytest.mark.parametrize("method", sorted(MAIN_TERM))
+@pytest.mark.parametrize("method", METHODS.names())
 def test_smoke_cell_learns_and_its_broken_variant_does_not(method, smoke_cells, one_thread, tmp_path):
+    """Broken: the plugin's main loss term (:meth:`Method.main_loss_term`) weighted 0."""
     from dataclasses import replace
     cell = smoke_cells[method]
     (tmp_path / "good").mkdir()
     (tmp_path / "broken").mkdir()
     good = _clean_ap50(cell, tmp_path / "good")
-    broken_schedule = cell.schedule.model_copy(update={"loss_weights": {MAIN_TERM[method]: 0.0}})
+    broken_schedule = cell.schedule.model_copy(update={"loss_weights": {cell.plugin.main_loss_term(cell.arch): 0.0}})
     broken = _clean_ap50(replace(cell, schedule=broken_schedule), tmp_path / "broken")
     print(f"{method}: AP50 {good:.3f}, broken {broken:.3f}")
     assert good >= 0.30, f"{method} smoke AP50 {good:.3f} < 0.30"

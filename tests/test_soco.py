@@ -10,10 +10,10 @@ import torch
 
 import methods.soco_data as sd
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.data.coco import CocoDetection, load_coco
-from harness.data.loader import PreparedDataset
-from harness.errors import ConfigError
-from harness.method import StageContext
+from harness.data import CocoDetection, load_coco
+from harness.data import PreparedDataset
+from harness.core import ConfigError
+from harness.plugin import StageContext
 from methods.soco import (SoCo, SoCoConfig, SoCoPretrainModel, assign_fpn_level, byol_loss, filter_proposals,
                           momentum)
 from methods.soco_data import ProposalStore, SoCoViews, ViewBuilder

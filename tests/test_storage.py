@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from harness.errors import StorageError
+from harness.core import StorageError
 from harness.storage import open_storage
 from runkit import DETBENCH
 from s3kit import TEST_ENV, make_bucket, moto_server
@@ -78,7 +78,7 @@ def _cli(args, env=None):
 
 def _in_process(args, capsys, monkeypatch, env=None):
     """``detbench ARGS`` in this process (the same ``main``, a few seconds cheaper per call)."""
-    from harness.cli import main
+    from harness.app.cli import main
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     code = main(args)

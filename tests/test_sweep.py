@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from harness.config import ResourcesSpec
-from harness.errors import ConfigError
+from harness.core import ConfigError
 from harness.sweep import check_fits
 
 LAPTOP = [{"CPU": 2.0}]

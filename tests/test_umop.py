@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.errors import ConfigError
-from harness.method import StageContext
+from harness.core import ConfigError
+from harness.plugin import StageContext
 from methods.focal import focal_loss
 from methods.umop import (UMOP, ProgressiveFocalHead, UMOPConfig, adaptive_focal_params, level_focal_params,
                           progressive_focal_loss)

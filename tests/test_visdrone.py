@@ -9,13 +9,14 @@ import warnings
 import pytest
 from PIL import Image
 
-from harness.data.coco import load_coco
-from harness.data.synthetic import write_synthetic_visdrone
-from harness.data.visdrone import (CATEGORIES, convert_visdrone, parse_visdrone_annotation,
-                                   visdrone_to_coco)
-from harness.errors import DataError
-from harness.evaluate.coco import evaluate_coco
-from harness.evaluate.visdrone import VISDRONE_METRIC_KEYS, evaluate_visdrone
+from harness.data import load_coco
+from harness.data import write_synthetic_visdrone
+from harness.data.visdrone import CATEGORIES, parse_visdrone_annotation
+from harness.data import convert_visdrone, visdrone_to_coco
+from harness.core import DataError
+from harness.evaluate import evaluate_coco
+from harness.evaluate.visdrone import VISDRONE_METRIC_KEYS
+from harness.evaluate import evaluate_visdrone
 
 
 def _folder(root, images: dict):

@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from harness.data.coco import load_coco
+from harness.data import load_coco
 from harness.data.voc import voc_to_coco, write_voc_as_coco
-from harness.errors import DataError
-from harness.evaluate.coco import evaluate_coco
+from harness.core import DataError
+from harness.evaluate import evaluate_coco
 
 
 def _obj(name, box, difficult=None, raw=None):

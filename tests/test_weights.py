@@ -6,11 +6,12 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from harness.checkpoint_eval import checkpoint_classes, coco_category_names, predicted_labels
+from harness.plan.checkpoint_eval import checkpoint_classes, coco_category_names, predicted_labels
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.errors import ConfigError
-from harness.models import backbone_body, build_detector
-from harness.weights import cache_file, freeze_stages, resolve
+from harness.core import ConfigError
+from harness.modeling import backbone_body, build_detector
+from harness.modeling.weights import cache_file, resolve
+from harness.modeling import freeze_stages, trainable_stages
 
 
 def _resnet18_file(tmp_path, **change):
@@ -31,8 +32,8 @@ def test_backbone_weights_loaded_and_fc_dropped(tmp_path):
 def test_pretrained_defaults_follow_torchvision(tmp_path):
     path, _ = _resnet18_file(tmp_path)
     spec = DetectorSpec(backbone_weights=str(path))
-    assert spec.norm_kind == "frozen_bn" and spec.trainable_stages == 3
-    assert DetectorSpec().norm_kind == "bn" and DetectorSpec().trainable_stages == 5
+    assert spec.norm_kind == "frozen_bn" and trainable_stages(spec) == 3
+    assert DetectorSpec().norm_kind == "bn" and trainable_stages(DetectorSpec()) == 5
     assert DetectorSpec(backbone_weights=str(path), norm="bn", trainable_layers=5).norm_kind == "bn"
     assert DetectorSpec(preset="torchvision_v2", backbone_weights=str(path)).norm_kind == "bn"  # v2 trains BN
 
@@ -77,9 +78,17 @@ def test_torchvision_name_resolves_to_its_cache_file(tmp_path, monkeypatch):
         resolve("torchvision:ResNet18_Weights.NOPE")
 
 
-def test_trainable_layers_out_of_range_is_a_config_error():
-    with pytest.raises(ValueError, match="less than or equal to 6"):
-        DetectorSpec(trainable_layers=7)
+def test_trainable_layers_out_of_range_is_a_config_error(tmp_path):
+    """The range is the backbone plugin's stage count, checked against the registry by the plan."""
+    from harness.plan import load_suite
+    path = tmp_path / "suite.yaml"
+    path.write_text("datasets: [{name: s, format: synthetic}]\nmethods: [{name: faster_rcnn}]\n"
+                    "detector: {backbone: resnet18, trainable_layers: 6}\n")
+    with pytest.raises(ConfigError, match="resnet18 backbone is 0..5, got 6") as err:
+        load_suite(path)
+    assert err.value.field == "detector.trainable_layers" and str(path) in str(err.value)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        DetectorSpec(trainable_layers=-1)
 
 
 @pytest.mark.parametrize("n,trained", [(0, set()), (1, {"layer4"}), (3, {"layer2", "layer3", "layer4"}),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.errors import DataError
+from harness.core import DataError
 
 _NUM = (int, float)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.core import ConfigError
 from harness.data.corruptions import CORRUPTIONS, GROUPS, SEVERITIES, _unknown
-from harness.errors import ConfigError
 
 
 @dataclass(frozen=True, order=True)

@@ -55,12 +55,13 @@ import difflib
 import hashlib
 import threading
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version as _pkg_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
 
 import numpy as np
 from PIL import Image
 
-from harness.errors import ConfigError
+from harness.core import ConfigError
 
 DEGRADE_VERSION = 1  # bump when any corruption's output or the cache layout changes
 SEVERITIES = (1, 2, 3, 4, 5)

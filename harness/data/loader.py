@@ -93,7 +93,7 @@ def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True,
         check_images(train, progress=progress)
         check_images(val, progress=progress)
         if train.class_names != val.class_names:
-            from harness.errors import DataError
+            from harness.core import DataError
             raise DataError(f"train and val have different categories ({train.class_names} vs "
                             f"{val.class_names})", file=prepared.val_annotations, field="categories")
     return prepared
@@ -145,7 +145,7 @@ def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: in
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Reshuffle a :func:`train_loader` for ``epoch`` (its sampler or grouped batch sampler), and tell
-    the dataset (e.g. :class:`~harness.data.degrade.DegradedTwins`) when it wants to know."""
+    the dataset (e.g. :class:`~harness.data.DegradedTwins`) when it wants to know."""
     target = loader.batch_sampler if hasattr(loader.batch_sampler, "set_epoch") else loader.sampler
     target.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harness.core import TMP_SUFFIX, DataError, atomic_write, file_lock, sha256_file
 from harness.data.conditions import Condition
-from harness.data.corruptions import (DEGRADE_VERSION, _check_name_severity, _to_uint8, _version,
-                                      corrupt, corruption_params, image_seed)
-from harness.errors import DataError
-from harness.fileio import TMP_SUFFIX, atomic_write, file_lock, sha256_file
+from harness.data.corruptions import (DEGRADE_VERSION, _check_name_severity, _to_uint8, _version, corrupt,
+                                      corruption_params, image_seed)
 
 MANIFEST = "manifest.json"
 JOURNAL = ".journal.jsonl"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from harness.errors import ConfigError, DataError
+from harness.core import ConfigError, DataError
 
 FORMAT_VERSION = 1
 SHAPES = ("square", "circle", "triangle", "cross", "diamond")

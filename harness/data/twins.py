@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.core import ConfigError, DataError
 from harness.data.conditions import Condition, expand_conditions
 from harness.data.corruptions import CORRUPTIONS, _check_name_severity, _to_uint8, corrupt
 from harness.data.render_cache import render_condition
-from harness.errors import ConfigError, DataError
 
 
 def twin_conditions(conditions, *, field: str = "conditions") -> list[Condition]:

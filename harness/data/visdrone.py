@@ -57,8 +57,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.fileio import atomic_write_json
-from harness.errors import DataError
+from harness.core import DataError, atomic_write_json
 
 CATEGORIES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
               "awning-tricycle", "bus", "motor")

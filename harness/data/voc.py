@@ -32,9 +32,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.fileio import atomic_write_json
+from harness.core import DataError, atomic_write_json
 from harness.data.coco import outside_root
-from harness.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 _COORDS = ("xmin", "ymin", "xmax", "ymax")

@@ -95,10 +95,10 @@ class Matches:
 def match_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], *,
                      max_dets: int = 100) -> Matches:
     """Match detections to GT once per image with pycocotools (the reference implementation)."""
+    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     from harness.evaluate.coco import _check_detections, _coco_pair, _load_gt
-    from pycocotools.coco import COCO
     data = _load_gt(gt)
     dets = _check_detections(detections, {img["id"] for img in data["images"]})
     with contextlib.redirect_stdout(io.StringIO()):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import DataError
+from harness.core import DataError
 
 BACKENDS = ("faster_coco_eval", "pycocotools")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

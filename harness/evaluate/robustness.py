@@ -11,7 +11,7 @@ From the results store's long rows to, per (method label, [stage,] dataset):
   condition present (extras, rain, dark included);
 * ``mPC_<family>`` for ``noise, blur, weather, digital, low_light``: mean
   over the present conditions whose corruption is in that family (extras
-  included, e.g. ``spatter`` counts as weather; ``harness.data.degrade.FAMILY``).
+  included, e.g. ``spatter`` counts as weather; ``harness.data.corruptions.FAMILY``).
 
 Order of averaging: AP is first averaged over seeds for each condition
 (``condition@severity``), then over conditions -- so a condition that ran
@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 
 from harness.config import row_label
-from harness.data.degrade import BENCHMARK, FAMILIES, FAMILY
+from harness.data import BENCHMARK, FAMILIES, FAMILY
 
 N_BENCHMARK_CONDITIONS = len(BENCHMARK) * 5
 _NEEDED = ("method", "dataset", "condition", "severity", "seed", "metric", "value")
 
 
 def _label(method: str, variant) -> str:
-    """The leaderboard's label (:func:`harness.config.row_label`); a missing variant (NaN, None: loose
+    """The leaderboard's label (:func:`harness.config.schema.row_label`); a missing variant (NaN, None: loose
     records rather than the store's rows, whose ``variant`` is always a string) counts as none."""
     return row_label(method, variant if isinstance(variant, str) else "")
 

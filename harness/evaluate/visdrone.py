@@ -39,9 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.data.visdrone import visdrone_to_coco
-from harness.evaluate.coco import (METRIC_KEYS, _check_detections, _coco_api, _coco_pair, _load_gt,
-                                   _summarize)
+from harness.data import visdrone_to_coco
+from harness.evaluate.coco import METRIC_KEYS, _check_detections, _coco_api, _coco_pair, _load_gt, _summarize
 
 IGNORE_COVERAGE = 0.5
 VISDRONE_METRIC_KEYS = METRIC_KEYS + ("AP_maxdets100",)

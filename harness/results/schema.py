@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
+from harness.core import COST_METRIC_NAMES  # noqa: F401  the cost rows' metric names, re-exported with the schema
 
 IDENTITY_COLUMNS = ("run_id", "trial_id", "method", "variant", "stage", "dataset", "split",
                     "condition", "severity", "seed", "epoch", "metric")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from harness.errors import DataError
+from harness.core import DataError
 from harness.results.schema import COLUMNS, SCHEMA, ResultRow, validate_frame
 from harness.storage import Storage, open_storage
 

@@ -2,8 +2,9 @@
 
 The one place that decides what a trial's rows are: per-epoch curves, the final
 evaluation per test condition, or one failure / stopped row per stage. The trial
-itself (:mod:`harness.distributed`), a resumed trial that finds its rows already
-written, and the driver recording trials the scheduler stopped all go through here.
+itself (:mod:`harness.sweep.trial`), a resumed trial that finds its rows already
+written, and the driver recording trials the scheduler stopped (:func:`harness.sweep.record_unfinished`)
+all go through here.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import math
 from typing import TYPE_CHECKING
 
 from harness.results.schema import ResultRow
+from harness.core import COST_DEVICE_S
 
 if TYPE_CHECKING:
-    from harness.records import Cell, RunInfo, StageOutput
-    from harness.results.store import ResultStore
+    from harness.plan import Cell, RunInfo, StageOutput
 
 #: Cell fields that do not change what a trial computes (names, the plan's bookkeeping).
 _NOT_HASHED = ("cell_id", "label", "search", "stages", "conditions")
@@ -48,7 +49,7 @@ def row_variant(cell: "Cell") -> str:
 def rows_for_trial(run: "RunInfo", cell: "Cell", trial_id: str, outputs: dict[str, "StageOutput"],
                    wall_s: float) -> list[ResultRow]:
     """All rows of one trial: per-epoch curves, final evaluation, or a failure row, per stage."""
-    from harness.models import describe
+    from harness.modeling import describe
 
     common = dict(run_id=run.run_id, suite=run.suite, trial_id=trial_id, cell=cell.cell_id,
                   method=cell.method, variant=row_variant(cell), dataset=cell.dataset.name,
@@ -63,7 +64,7 @@ def rows_for_trial(run: "RunInfo", cell: "Cell", trial_id: str, outputs: dict[st
     for stage, out in outputs.items():
         detector = describe(cell.plugin.stage_detector(stage, cell.detector), cell.arch)
         base = dict(common, stage=stage, detector=detector, restarts=int(out.resumes), node_id=out.node_id,
-                    device_s=_number(out.final.get("cost/device_s")) or 0.0)  # every worker's seconds, summed
+                    device_s=_number(out.final.get(COST_DEVICE_S)) or 0.0)  # every worker's seconds, summed
         if out.artifact:  # a shared earlier stage: identified by what determines it
             base["config_hash"] = out.artifact[:16]
         for record in out.history:
@@ -97,40 +98,3 @@ def report_of_rows(df, cell: "Cell") -> dict:
     if cell.search:
         report.setdefault(cell.search.metric, float("nan"))
     return report
-
-
-def record_unfinished(grids, run: "RunInfo", store: "ResultStore") -> None:
-    """Trials that never wrote rows (ASHA stopped them, or the trial actor died) get one row each.
-
-    A trial the scheduler stopped never made its end-of-trial report (which carries
-    ``status``). If its Train run died under the stop before the trial actor did, the
-    trial may have written "failed" rows: the scheduler's decision wins, they become
-    one "stopped" row.
-    """
-    from harness.records import StageOutput
-    from harness.sweep import trial_cell
-
-    written = store.trial_ids()
-    for grid in grids:
-        for result in grid:
-            cfg = result.config or {}
-            metrics = result.metrics or {}
-            trial_id = metrics.get("trial_id", "")  # Tune adds it to every result
-            if not trial_id or not cfg or store.retired(trial_id):
-                continue
-            stopped = result.error is None and "status" not in metrics
-            if trial_id in written:
-                if not (stopped and (store.read_trial(trial_id)["status"] == "failed").any()):
-                    continue
-            if result.error is None:
-                reason = f"stopped early by the scheduler at epoch {metrics.get('epoch', 0)}"
-                status = "stopped"
-            else:
-                reason, status = f"trial errored: {str(result.error).splitlines()[0][:300]}", "failed"
-            cell = trial_cell(cfg)
-            curve = [] if result.metrics_dataframe is None else [
-                {k: v for k, v in rec.items() if k == "epoch" or k == "lr" or k.startswith(("train/", "val/", "time/"))}
-                for rec in result.metrics_dataframe.to_dict("records") if "train/loss" in rec]
-            outputs = {cell.stages[-1]: StageOutput.failed(reason, history=curve)}
-            rows = rows_for_trial(run, cell, trial_id, outputs, wall_s=math.nan)
-            store.write_trial(trial_id, [r.model_copy(update={"status": status}) for r in rows])

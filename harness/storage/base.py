@@ -15,7 +15,7 @@ by one PUT, ``If-None-Match: *`` conditional writes, leases). What holds on both
   for a ``with`` block; a claim whose holder died is released (POSIX: the
   kernel drops the lock) or expires after its lease (object store) and is taken over;
 * several files forming one unit (an artifact) are published by writing a
-  commit marker last (:mod:`harness.artifacts`).
+  commit marker last (:mod:`harness.storage.artifacts`).
 
 Ray Train and Tune write their own state through :meth:`Storage.arrow`
 (``storage_path`` + ``storage_filesystem``), so checkpoints land in the same root.
@@ -111,7 +111,7 @@ class Storage(ABC):
 
     @abstractmethod
     def check(self, *, write: bool = False) -> None:
-        """Raise :class:`harness.errors.StorageError` naming the URI and the cause if unusable
+        """Raise :class:`harness.core.errors.StorageError` naming the URI and the cause if unusable
         (``write``: for writing a run, not only reading one)."""
 
     def describe(self) -> dict:
@@ -147,8 +147,8 @@ class Storage(ABC):
 
     def node_copy(self, rel: str = "") -> Path:
         """Where this node keeps its copy of ``rel`` of a remote root (its local cache,
-        :func:`harness.config.node_cache_dir`; one folder per root URI)."""
-        from harness.config import node_cache_dir
+        :func:`harness.config.schema.node_cache_dir`; one folder per root URI)."""
+        from harness.core import node_cache_dir
         root = node_cache_dir() / "remote" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         return root / rel if rel else root
 

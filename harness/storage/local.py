@@ -6,13 +6,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from harness.errors import StorageError
-from harness.fileio import TMP_SUFFIX, atomic_write, file_lock, fsync_dir
+from harness.core import TMP_SUFFIX, StorageError, atomic_write, file_lock, fsync_dir
 from harness.storage.base import Storage
 
 
 class LocalStorage(Storage):
-    """Files under a folder; publication = temp file + fsync + ``os.replace`` (:mod:`harness.fileio`)."""
+    """Files under a folder; publication = temp file + fsync + ``os.replace`` (:mod:`harness.core.fileio`)."""
 
     is_local = True
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from harness.errors import StorageError
+from harness.core import StorageError
 from harness.storage.base import Storage
 
 #: Parallel requests of :meth:`S3Storage.read_many` (latency-bound small GETs).
@@ -240,8 +240,8 @@ class S3Storage(Storage):
         ``write``: also create and remove a probe object with ``If-None-Match: *`` -- a
         run needs write access and conditional writes, which some S3-compatible servers lack.
         """
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
-                                         EndpointConnectionError, NoCredentialsError, PartialCredentialsError)
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                         NoCredentialsError, PartialCredentialsError)
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         try:
             self.client(quick=True).head_bucket(Bucket=self.bucket)
