@@ -133,7 +133,7 @@ class ProposalParams:
 
 
 def default_cache_dir() -> Path:
-    """``<this node's cache>/soco_proposals`` (:func:`harness.config.schema.node_cache_dir`)."""
+    """``<this node's cache>/soco_proposals`` (:func:`harness.core.node_cache_dir`)."""
     from harness.core import node_cache_dir
     return node_cache_dir() / "soco_proposals"
 

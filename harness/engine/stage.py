@@ -211,7 +211,7 @@ class Precision:
 
 @dataclass
 class StageJob:
-    """Everything one worker needs to train one stage (built by :func:`harness.sweep.trial.stage_job`).
+    """Everything one worker needs to train one stage (built by :func:`harness.plan.stage_job`).
 
     ``checkpoint``: detector weights to evaluate instead of training (``detbench eval``);
     ``checkpoint_classes``: the names of its labels 1..N when they are not the dataset's

@@ -34,7 +34,7 @@ _NEEDED = ("method", "dataset", "condition", "severity", "seed", "metric", "valu
 
 
 def _label(method: str, variant) -> str:
-    """The leaderboard's label (:func:`harness.config.schema.row_label`); a missing variant (NaN, None: loose
+    """The leaderboard's label (:func:`harness.config.row_label`); a missing variant (NaN, None: loose
     records rather than the store's rows, whose ``variant`` is always a string) counts as none."""
     return row_label(method, variant if isinstance(variant, str) else "")
 

@@ -147,7 +147,7 @@ class Storage(ABC):
 
     def node_copy(self, rel: str = "") -> Path:
         """Where this node keeps its copy of ``rel`` of a remote root (its local cache,
-        :func:`harness.config.schema.node_cache_dir`; one folder per root URI)."""
+        :func:`harness.core.node_cache_dir`; one folder per root URI)."""
         from harness.core import node_cache_dir
         root = node_cache_dir() / "remote" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         return root / rel if rel else root

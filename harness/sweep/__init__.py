@@ -1,6 +1,6 @@
 """Running cells on Ray -- the only package that imports Ray: connecting and sizing against the
 cluster, the search space, the Tuners, the Tune trial function, the Train worker, live loggers
-and progress. Ray itself is imported inside the functions that need it."""
+and progress. Importing it imports Ray (the live loggers' Tune callbacks); nothing below it does."""
 from harness.sweep.job import TRIAL_CPU, WorkerJob, node_id
 from harness.sweep.loggers import check_loggers, logger_callbacks
 from harness.sweep.progress import SweepProgress
