@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.results import ResultStore
-from runkit import DETBENCH, TINY_DATA, start_detbench, checkpoints, markers, pids_matching, wait_for
+from runkit import DETBENCH, TINY_DATA, checkpoints, hang_guard, markers, pids_matching, start_detbench, wait_for
 
 SUITE = """
 name: cluster
@@ -53,7 +53,7 @@ def cluster():
     yield c
     started["pids"] |= {p for n in c.worker_nodes for p in _node_pids(n)}
     c.shutdown()
-    end = time.time() + 30
+    end = time.time() + hang_guard(3)
     while time.time() < end and [p for p in started["pids"] if Path(f"/proc/{p}").exists()]:
         time.sleep(0.5)
     left = [p for p in started["pids"] if Path(f"/proc/{p}").exists()
@@ -70,7 +70,7 @@ def _node_ids_by_resource(cluster) -> dict[str, str]:
     code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
             "print(json.dumps({k: n['NodeID'] for n in ray.nodes() if n['Alive'] "
             "for k in n['Resources'] if k.startswith('node_')}))" % cluster.address)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=hang_guard(15), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,12 +81,12 @@ def _resumes(checkpoint: Path) -> int:
         return 0
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(hang_guard(80))
 def test_trials_and_ddp_workers_spread_over_both_worker_nodes(cluster, tmp_path, tiny_data):
     suite = tmp_path / "s.yaml"
     suite.write_text(SUITE.format(seeds="[0, 1]", epochs=2, cpus=0.99, **tiny_data))
     info = subprocess.run(DETBENCH + ["cluster", "info", "--address", cluster.address, "--suite", str(suite)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=hang_guard(15))
     assert info.returncode == 0, info.stderr[-2000:]
     assert "node_a=1" in info.stdout and "node_b=1" in info.stdout and "fits: up to 1 trial" in info.stdout
     t0 = time.time()
@@ -104,20 +104,20 @@ def test_trials_and_ddp_workers_spread_over_both_worker_nodes(cluster, tmp_path,
     assert "faster_rcnn" in (tmp_path / "runs" / "spread" / "leaderboard.md").read_text()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(hang_guard(25))
 def test_unschedulable_suite_is_refused_before_anything_runs(cluster, tmp_path, tiny_data):
     suite = tmp_path / "big.yaml"
     suite.write_text(SUITE.format(seeds="[0]", epochs=1, cpus=2, **tiny_data))  # 2 CPUs on 1-CPU nodes
     out = subprocess.run(DETBENCH + ["run", str(suite), "--address", cluster.address, "--out",
-                                     str(tmp_path / "runs"), "--quiet"], capture_output=True, text=True, timeout=100)
+                                     str(tmp_path / "runs"), "--quiet"], capture_output=True, text=True, timeout=hang_guard(15))
     assert out.returncode == 2 and "PENDING forever" in out.stderr
     assert not (tmp_path / "runs").exists()
     info = subprocess.run(DETBENCH + ["cluster", "info", "--address", cluster.address, "--suite", str(suite)],
-                          capture_output=True, text=True, timeout=100)
+                          capture_output=True, text=True, timeout=hang_guard(15))
     assert info.returncode == 2 and "cannot be scheduled" in info.stdout
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(hang_guard(70))
 def test_worker_node_killed_mid_trial_is_survived(cluster, tmp_path, tiny_data):
     spare = cluster.add_node(num_cpus=1, resources={"node_c": 1})  # room to recover on
     cluster.wait_for_nodes()
@@ -128,7 +128,7 @@ def test_worker_node_killed_mid_trial_is_survived(cluster, tmp_path, tiny_data):
     log = tmp_path / "driver.log"
     proc = start_detbench(["run", str(suite), "--address", cluster.address, "--out", str(tmp_path / "runs"),
                  "--name", "kill", "--quiet"], log)
-    wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
+    wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), hang_guard(40),
               "the first epoch checkpoint", proc, log)
     worker = sorted(pids_matching("ray::RayTrainWorker"))[0]
     raylet = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from runkit import (DETBENCH, TINY_DATA, checkpoints, final_checkpoint_state, markers, pids_matching, ray_gone,
-                    ray_pids, start_detbench, wait_for)
+from runkit import (DETBENCH, TINY_DATA, checkpoints, final_checkpoint_state, hang_guard, markers, pids_matching,
+                    ray_gone, ray_pids, start_detbench, wait_for)
 from harness.results import ResultStore
 from harness.app import run_status
 
@@ -45,7 +45,7 @@ KILL_MOMENTS = {
 }
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(hang_guard(90))  # 71-89 s idle here
 @pytest.mark.parametrize("moment,flags", [("mid_trial", []), ("before_first_checkpoint", ["--quiet"]),
                                           ("between_trials", [])],
                          ids=["mid_trial-progress", "before_first_checkpoint-quiet", "between_trials-progress"])
@@ -60,7 +60,7 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data, moment, flags):
     others = ray_pids()
     proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "r", *flags], log)
     store = ResultStore(run_dir)
-    wait_for(lambda: KILL_MOMENTS[moment](run_dir, store), 300, moment, proc, log)
+    wait_for(lambda: KILL_MOMENTS[moment](run_dir, store), hang_guard(60), moment, proc, log)
     before = {t: (store.path_for(t).stat().st_mtime_ns, store.path_for(t).read_bytes()) for t in store.trial_ids()}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
@@ -68,7 +68,7 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data, moment, flags):
     assert run_status(run_dir)["driver"] == "stopped"
 
     out = subprocess.run(DETBENCH + ["resume", str(run_dir), *flags], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=hang_guard(60))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "RecursionError" not in out.stderr
     df = store.read()
@@ -84,7 +84,7 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_data, moment, flags):
     assert ray_gone(ignore=others)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(hang_guard(55))
 def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_data):
     suite = tmp_path / "s.yaml"
     suite.write_text(SUITE.format(seeds="[0]", epochs=12, **tiny_data))  # still training when killed
@@ -92,7 +92,7 @@ def test_killed_train_worker_is_replaced_and_training_continues(tmp_path, tiny_d
     log = tmp_path / "driver.log"
     others = ray_pids()
     proc = start_detbench(["run", str(suite), "--out", str(tmp_path / "runs"), "--name", "w", "--quiet"], log)
-    wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), 180,
+    wait_for(lambda: markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0]), hang_guard(40),
               "the first epoch checkpoint", proc, log)
     workers = pids_matching("ray::RayTrainWorker")
     assert len(workers) == 1, f"expected one Train worker, found {workers}"
@@ -118,7 +118,7 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 0.99, max_concurrent_trials:
 """
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(hang_guard(65))
 def test_killed_worker_in_a_later_stage_resumes_it_not_the_earlier_one(tmp_path, tiny_data):
     """Both of fctl's stages run in one worker group; killed during the corrective stage, the
     restarted group continues that stage from its checkpoint and does not train the ideal one again."""
@@ -132,7 +132,7 @@ def test_killed_worker_in_a_later_stage_resumes_it_not_the_earlier_one(tmp_path,
     def in_corrective() -> bool:
         found = markers(run_dir) and checkpoints(run_dir, markers(run_dir)[0])
         return bool(found) and json.loads((found[-1] / "state.json").read_text())["stage"] == "corrective"
-    wait_for(in_corrective, 200, "a checkpoint of the corrective stage", proc, log)
+    wait_for(in_corrective, hang_guard(45), "a checkpoint of the corrective stage", proc, log)
     workers = pids_matching("ray::RayTrainWorker")
     assert len(workers) == 1, f"expected one Train worker, found {workers}"
     os.kill(workers[0], signal.SIGKILL)

@@ -18,7 +18,7 @@ from harness.storage.artifacts import ArtifactStore
 from harness.results import ResultStore
 from harness.app import run_status
 from harness.storage import open_storage
-from runkit import DETBENCH, TINY_DATA, ray_gone, ray_pids, start_detbench, wait_for
+from runkit import DETBENCH, TINY_DATA, hang_guard, ray_gone, ray_pids, start_detbench, wait_for
 from s3kit import TEST_ENV
 
 SUITE = """
@@ -43,7 +43,7 @@ def _objects(uri: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(hang_guard(110))
 def test_s3_run_killed_between_trials_resumes_from_the_store(tmp_path, tiny_data, s3_uri, monkeypatch):
     monkeypatch.setenv("DETBENCH_CACHE", str(tmp_path / "cache"))
     suite = tmp_path / "s.yaml"
@@ -54,7 +54,7 @@ def test_s3_run_killed_between_trials_resumes_from_the_store(tmp_path, tiny_data
     proc = start_detbench(["run", str(suite), "--out", s3_uri, "--name", "r"], log)
     store = ResultStore(run_uri)
     t0 = time.time()
-    wait_for(lambda: len(store.trial_ids()) == 1, 300, "the first trial's rows", proc, log)
+    wait_for(lambda: len(store.trial_ids()) == 1, hang_guard(60), "the first trial's rows", proc, log)
     print(f"first trial after {time.time() - t0:.0f} s")
     first = {t: store.storage.read_bytes(store.rel_for(t)) for t in store.trial_ids()}
     os.killpg(proc.pid, signal.SIGKILL)
@@ -64,7 +64,7 @@ def test_s3_run_killed_between_trials_resumes_from_the_store(tmp_path, tiny_data
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("**/rows/*.parquet"))  # nothing local
 
     t0 = time.time()
-    out = subprocess.run(DETBENCH + ["resume", run_uri, "--quiet"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(DETBENCH + ["resume", run_uri, "--quiet"], capture_output=True, text=True, timeout=hang_guard(60))
     print(f"resume took {time.time() - t0:.0f} s")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -83,12 +83,12 @@ def test_s3_run_killed_between_trials_resumes_from_the_store(tmp_path, tiny_data
     # the commands that read a run directory, on the URI
     for cmd, expect in ((["status", run_uri], "total: 2 done"), (["leaderboard", run_uri], "faster_rcnn"),
                         (["report", run_uri], f"{run_uri}/robustness.md")):
-        out = subprocess.run(DETBENCH + cmd, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(DETBENCH + cmd, capture_output=True, text=True, timeout=hang_guard(15))
         assert out.returncode == 0 and expect in out.stdout, out.stdout + out.stderr
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"w" * 100)
     ArtifactStore(storage.child("artifacts")).put("k0", {"detector.pt": weights}, {"method": "m", "stage": "s"})
-    out = subprocess.run(DETBENCH + ["artifacts", "ls", run_uri], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(DETBENCH + ["artifacts", "ls", run_uri], capture_output=True, text=True, timeout=hang_guard(15))
     assert out.returncode == 0 and "k0  m/s" in out.stdout, out.stdout + out.stderr
 
     # credentials are never written anywhere: not in the bucket, not in the local cache, not printed

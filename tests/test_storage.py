@@ -8,7 +8,7 @@ import pytest
 
 from harness.core import StorageError
 from harness.storage import open_storage
-from runkit import DETBENCH
+from runkit import DETBENCH, hang_guard
 from s3kit import TEST_ENV, make_bucket, moto_server
 
 
@@ -72,7 +72,7 @@ def test_unsupported_scheme_is_a_clear_error():
 def _cli(args, env=None):
     """``detbench ARGS`` as a user runs it (its own process, the given environment)."""
     import os
-    return subprocess.run(DETBENCH + args, capture_output=True, text=True, timeout=120,
+    return subprocess.run(DETBENCH + args, capture_output=True, text=True, timeout=hang_guard(15),
                           env={**os.environ, **(env or {})})
 
 

@@ -14,6 +14,7 @@ from harness.plugin import StageContext
 from methods.focal import focal_loss
 from methods.umop import (UMOP, ProgressiveFocalHead, UMOPConfig, adaptive_focal_params, level_focal_params,
                           progressive_focal_loss)
+from runkit import hang_guard
 
 P2 = math.exp(-2.0)  # the neutral point: -log(e^-2) = 2 = gamma, alpha = 0.5 / 2 = 0.25
 
@@ -192,7 +193,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, halves: lis
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(hang_guard(15))
 def test_ddp_params_equal_whole_batch(tmp_path):
     import torch.multiprocessing as mp
     # rank 0 and rank 1 hold unequal numbers of positives per level (a mean of means would be wrong);
