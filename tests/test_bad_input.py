@@ -241,7 +241,7 @@ def test_broken_records(capsys, world, breakage, field):
 
 
 # --------------------------------------------------------------------------- the real CLI, with Ray
-@pytest.mark.timeout(hang_guard(15))
+@pytest.mark.timeout(hang_guard(17))
 def test_unschedulable_request_names_the_suite_file(tmp_path, tiny_data):
     suite = tmp_path / "big.yaml"
     suite.write_text(f"""
@@ -256,7 +256,7 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 64}}
 """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(DETBENCH + ["run", str(suite), "--out", str(tmp_path / "runs")], capture_output=True,
-                         text=True, timeout=hang_guard(12), env=env)
+                         text=True, timeout=hang_guard(16), env=env)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert str(suite) in lines[0] and "resources" in lines[0] and "PENDING" in lines[0]

@@ -98,7 +98,7 @@ def test_synth_unknown_format(capsys, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(hang_guard(12))
+@pytest.mark.timeout(hang_guard(13))
 def test_default_is_a_new_local_cluster_even_when_ray_start_left_one(tmp_path):
     """``ray start`` (or a test) leaves /tmp/ray/ray_current_cluster; a plain ``detbench`` must not
     attach to that cluster (here a dead address) but start the embedded one the README describes."""
@@ -115,7 +115,7 @@ def test_default_is_a_new_local_cluster_even_when_ray_start_left_one(tmp_path):
     address_file.write_text("127.0.0.1:1")  # nothing listens there
     try:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        out = subprocess.run(DETBENCH + ["cluster", "info"], capture_output=True, text=True, timeout=hang_guard(10), env=env)
+        out = subprocess.run(DETBENCH + ["cluster", "info"], capture_output=True, text=True, timeout=hang_guard(12), env=env)
     finally:
         address_file.unlink()
         if saved is not None:
