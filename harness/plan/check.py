@@ -77,8 +77,7 @@ def check_detector(det: DetectorSpec, arch: str, path: Path, overrides: dict, i:
 
 def check_pretrained(det: DetectorSpec, arch: str, path: Path, overrides: dict, i: int, check_files: bool) -> None:
     """A preset exists for the arch and backbone; weight files exist and fit the backbone (key by key)."""
-    where = {k: (f"methods[{i}].detector.{k}" if k in overrides else f"detector.{k}")
-             for k in ("preset", *WEIGHT_FIELDS)}
+    where = {k: _where(overrides, i, k) for k in ("preset", *WEIGHT_FIELDS)}
     if det.preset:
         try:
             check_preset(det, arch)
@@ -102,12 +101,11 @@ def check_pretrained(det: DetectorSpec, arch: str, path: Path, overrides: dict, 
 def check_neck(det: DetectorSpec, method, path: Path, overrides: dict, i: int) -> None:
     """The detector's neck exists, serves the arch the method trains, and its config is valid."""
     arch = det.arch or method.arch
-    where = {k: (f"methods[{i}].detector.{k}" if k in overrides else f"detector.{k}")
-             for k in ("neck", "neck_config")}
-    neck = NECKS.get(det.neck, file=str(path), field=where["neck"])
+    field = _where(overrides, i, "neck")
+    neck = NECKS.get(det.neck, file=str(path), field=field)
     if arch not in neck.archs:
         raise ConfigError(f"neck '{det.neck}' cannot serve the {arch} detector of method '{method.name}' "
-                          f"(it serves: {', '.join(neck.archs)})", file=path, field=where["neck"])
+                          f"(it serves: {', '.join(neck.archs)})", file=path, field=field)
     prefix = ("methods", i, "detector", "neck_config") if "neck_config" in overrides else ("detector", "neck_config")
     neck.validate_config(det.neck_config, file=str(path), prefix=prefix)
 
