@@ -305,7 +305,7 @@ class SoCo(Method):
         if stage != "pretrain":
             return dataset
         source = ImageFolder(self.config.pretrain_images) if self.config.pretrain_images else dataset
-        return SoCoViews(source, self.view_builder(), self.proposal_store())
+        return SoCoViews(source, self.view_builder(), self.proposal_store(), seed=ctx.seed)
 
     def build_model(self, stage: str, ctx: StageContext) -> nn.Module:
         detector = build_detector(ctx.detector, ctx.num_classes, arch="faster_rcnn")

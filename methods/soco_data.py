@@ -431,14 +431,22 @@ class ImageFolder(Dataset):
 class SoCoViews(Dataset):
     """``(views dict, {"index": i})`` of every image of ``source``; its labels are never read.
 
-    ``source`` yields ``(image, anything)``; where it knows its files (``image_path(i)``,
-    or ``index.image_path(i)`` as :class:`harness.data.coco.CocoDetection`) proposals are
-    cached by path. Each sample's randomness comes from a generator seeded off torch's
-    global RNG, so ``seed_everything`` makes an epoch reproducible.
+    ``source`` yields ``(image, anything)`` (uint8 or float images); where it knows its files
+    (``image_path(i)``, or ``index.image_path(i)`` as :class:`harness.data.coco.CocoDetection`)
+    proposals are cached by path. Each sample's randomness comes from ``(seed, epoch, i)``
+    alone, so an epoch is the same whichever DataLoader worker builds which sample (and
+    however many there are); the epoch is shared with persistent workers.
     """
 
-    def __init__(self, source: Dataset, builder: ViewBuilder, store: ProposalStore):
-        self.source, self.builder, self.store = source, builder, store
+    def __init__(self, source: Dataset, builder: ViewBuilder, store: ProposalStore, *, seed: int = 0):
+        from harness.data import SharedEpoch
+        self.source, self.builder, self.store, self.seed = source, builder, store, int(seed)
+        self.epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -450,7 +458,9 @@ class SoCoViews(Dataset):
         return None
 
     def __getitem__(self, i: int):
-        image = self.source[i][0]
+        from harness.data import image_to_float
+        image = image_to_float(self.source[i][0])
         proposals = self.store.get(image, self.path(i))
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        draw = np.random.default_rng([self.seed & (2 ** 63 - 1), self.epoch.get(), int(i), 0x50C0])
+        g = torch.Generator().manual_seed(int(draw.integers(2 ** 62)))
         return self.builder(image, proposals, g), {"index": i}

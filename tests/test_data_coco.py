@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import CocoDetection, check_coco, collate_detection, load_coco
+from harness.data import CocoDetection, check_coco, collate_detection, image_to_float, load_coco
 from harness.core import DataError
 
 W, H = 40, 30
@@ -56,7 +56,7 @@ def test_ids_categories_subfolders_crowd_clipping(tmp_path):
     ann, root = _dataset(tmp_path)
     idx = load_coco(ann, root)
     assert len(idx) == 2 and idx.n_dropped_boxes == 0
-    assert [im["id"] for im in idx.images] == [900001, 42]
+    assert [im.id for im in idx.images] == [900001, 42]
     assert idx.class_names == ["cat", "dog"]  # label = rank of category id
     assert idx.cat_id_to_label == {5: 1, 17: 2}
     assert idx.label_to_cat_id == {1: 5, 2: 17}
@@ -68,7 +68,7 @@ def test_ids_categories_subfolders_crowd_clipping(tmp_path):
     assert t["boxes"].tolist() == [[1.0, 2.0, 11.0, 7.0], [30.0, 20.0, 40.0, 30.0]]
     assert t["labels"].tolist() == [2, 1]
     assert t["ignore_boxes"].tolist() == [[0.0, 0.0, 40.0, 30.0]]
-    assert len(idx.gt["annotations"]) == 3  # original, for COCO tools
+    assert idx.n_file_annotations == 3
     ev = {a["id"]: a for a in idx.gt_for_eval()["annotations"]}
     assert ev[2]["bbox"] == [30.0, 20.0, 10.0, 10.0] and ev[2]["area"] == 100.0
     assert ev[3]["iscrowd"] == 1
@@ -109,6 +109,8 @@ def test_images_always_rgb(tmp_path, mode):
     ann, root = _dataset(tmp_path)
     _write_image(root / "b.png", mode)
     img, target = CocoDetection(load_coco(ann, root))[1]
+    assert img.dtype == (torch.uint8 if mode in ("RGB",) else torch.float32)  # 8-bit RGB stays uint8 to the device
+    img = image_to_float(img)
     assert img.dtype == torch.float32 and img.shape == (3, H, W)
     assert 0.0 <= img.min() and img.max() <= 1.0
     assert target["image_id"] == 42
@@ -181,8 +183,10 @@ def test_missing_top_level_key(tmp_path, key):
 def test_missing_image_file(tmp_path):
     ann, root = _dataset(tmp_path)
     (root / "sub" / "dir" / "a.png").unlink()
-    _expect_error(ann, root, "image id=900001", "field 'file_name'", "a.png")
-    assert len(load_coco(ann, root, check_images=False)) == 2
+    with pytest.raises(DataError) as e:  # the image check (one lstat per image) finds it, not the JSON parse
+        check_coco(ann, root)
+    assert all(p in str(e.value) for p in ("instances.json", "image id=900001", "field 'file_name'", "a.png"))
+    assert len(load_coco(ann, root)) == 2
 
 
 def test_unknown_category(tmp_path):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from harness.data import CocoDetection, load_coco
+from harness.data import CocoDetection, image_to_float, load_coco
 from harness.data import write_synthetic_coco
 from harness.core import ConfigError, DataError
 
@@ -37,8 +37,8 @@ def test_loads_through_real_loader(tmp_path):
     assert idx.class_names == ["square", "circle", "triangle"]
     cat_ids = sorted(idx.cat_id_to_label)
     assert cat_ids != list(range(1, len(cat_ids) + 1))  # non-contiguous on purpose
-    assert all(im["id"] >= 1000 for im in idx.images)
-    assert all("/" in im["file_name"] for im in idx.images)  # subfolder on purpose
+    assert all(im.id >= 1000 for im in idx.images)
+    assert all("/" in im.file_name for im in idx.images)  # subfolder on purpose
     labels, areas = [], []
     for i in range(len(idx)):
         t = idx.target(i)
@@ -52,7 +52,7 @@ def test_loads_through_real_loader(tmp_path):
     assert set(labels) == {1, 2, 3}
     assert any(a < 32 ** 2 for a in areas) and any(a >= 32 ** 2 for a in areas)
     img, t = CocoDetection(idx)[0]
-    assert img.shape == (3, 128, 128) and img.dtype == torch.float32
+    assert img.shape == (3, 128, 128) and img.dtype == torch.uint8
 
 
 def test_boxes_are_tight(tmp_path):
@@ -62,6 +62,7 @@ def test_boxes_are_tight(tmp_path):
     ds = CocoDetection(idx)
     for i in range(len(idx)):
         img, t = ds[i]
+        img = image_to_float(img)
         x1, y1, x2, y2 = (int(v) for v in t["boxes"][0])
         inside = img[:, y1:y2, x1:x2].max(0).values > 0.55
         assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
@@ -153,7 +154,7 @@ def test_visdrone_has_every_quirk_and_parses(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         idx = load_coco(ann, src)
-    assert len(idx) == 5 and idx.images[0]["width"] == 192 and idx.images[0]["height"] == 128
+    assert len(idx) == 5 and idx.images[0].width == 192 and idx.images[0].height == 128
     assert sum(len(idx.target(i)["boxes"]) for i in range(5)) == len(scored)
     img, _ = CocoDetection(idx)[0]
     assert img.shape == (3, 128, 192)

@@ -2,6 +2,7 @@
 modules it re-exports: corruptions, conditions, render_cache, twins)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 
 from harness.data import corruptions as C
 from harness.data import render_cache as RC
-from harness.data import CocoDetection, load_coco, load_rgb
+from harness.data import CocoDetection, image_to_float, load_coco, load_rgb
 from harness.data import CLEAN, Condition, expand_conditions
 from harness.data import CORRUPTIONS, FAMILY, GROUPS, corrupt, image_seed
 from harness.data import DegradedTwins
@@ -188,7 +189,7 @@ def test_render_condition_reuse_and_repair(data, tmp_path, count_renders):
     idx = load_coco(data.ann_file, root)
     info = data.images[1]
     src = np.asarray(Image.open(data.image_path(1)).convert("RGB"))
-    want = corrupt(src, "fog", 2, image_seed(info["id"], "fog", 2, 0))
+    want = corrupt(src, "fog", 2, image_seed(info.id, "fog", 2, 0))
     assert np.array_equal(np.asarray(Image.open(idx.image_path(1))), want)
     assert Image.open(idx.image_path(1)).format == "PNG"
 
@@ -197,7 +198,7 @@ def test_render_condition_reuse_and_repair(data, tmp_path, count_renders):
     assert count_renders == []  # cache hit: nothing rendered
 
     # a missing image and a killed writer's temp file: only that image is redone
-    first = data.images[0]["file_name"]
+    first = data.images[0].file_name
     (root / first).unlink()
     tmp = (root / first).with_name(f".{Path(first).name}.999.abcd.tmp")
     tmp.write_bytes(b"half")
@@ -207,7 +208,7 @@ def test_render_condition_reuse_and_repair(data, tmp_path, count_renders):
 
     # a damaged cached file (same size) is detected by its checksum; a truncated one by size
     count_renders.clear()
-    p2, p3 = root / data.images[2]["file_name"], root / data.images[3]["file_name"]
+    p2, p3 = root / data.images[2].file_name, root / data.images[3].file_name
     b = bytearray(p2.read_bytes())
     b[len(b) // 2] ^= 0xFF
     p2.write_bytes(bytes(b))
@@ -249,7 +250,7 @@ def test_render_resumes_after_kill(data, tmp_path, monkeypatch):
     # same bytes as an uninterrupted render
     ref = render_condition(data, Condition("rain", 3), tmp_path / "ref")
     for info in data.images:
-        assert (root / info["file_name"]).read_bytes() == (ref / info["file_name"]).read_bytes()
+        assert (root / info.file_name).read_bytes() == (ref / info.file_name).read_bytes()
 
 
 def test_render_parameters_versions_workers(data, tmp_path, monkeypatch, count_renders):
@@ -280,7 +281,8 @@ def test_render_rejects_file_name_outside_root(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "root" / "x.png")
     ann.write_text(ann.read_text().replace("../x.png", "x.png"))
     index = load_coco(ann, tmp_path / "root")
-    index.images[0]["file_name"] = "../x.png"  # an index changed after loading: the render cache still refuses
+    arrays = dict(index.arrays, names=np.frombuffer(b"../x.png", np.uint8), name_offsets=np.array([0, 8]))
+    index = dataclasses.replace(index, arrays=arrays)  # an index changed after loading: the render cache still refuses
     with pytest.raises(DataError, match="outside"):
         render_condition(index, Condition("fog", 1), tmp_path / "c")
 
@@ -296,7 +298,7 @@ def test_twins_on_the_fly(data):
         ref, ref_t = ds[i]
         assert torch.equal(clean, ref) and clean.shape == deg.shape
         assert torch.equal(target["boxes"], ref_t["boxes"])
-        assert deg.dtype == torch.float32 and 0 <= deg.min() and deg.max() <= 1
+        assert deg.dtype == clean.dtype == torch.uint8  # as read: the device makes them float
         assert torch.equal(tw[i][1], deg)  # deterministic for (seed, epoch, i)
         cond, _ = tw.draw(i)
         assert torch.equal(deg, clean) == cond.is_clean
@@ -310,7 +312,7 @@ def test_twins_from_cache(data, tmp_path):
     tw = DegradedTwins(CocoDetection(data), ["snow@2"], cache_dir=tmp_path / "c")
     clean, deg, _ = tw[2]
     root = RC.condition_root(data, Condition("snow", 2), tmp_path / "c")
-    assert torch.equal(deg, load_rgb(root / data.images[2]["file_name"]))
+    assert torch.equal(image_to_float(deg), load_rgb(root / data.images[2].file_name))
     assert clean.shape == deg.shape
     with pytest.raises(ConfigError, match="transform"):
         DegradedTwins(CocoDetection(data, transform=lambda im, t: (im, t)), ["snow@2"],

@@ -15,7 +15,7 @@ from harness.core import DetbenchError
 def cmd_run(args) -> int:
     from harness.app.runner import run_suite
     board = run_suite(args.suite, address=args.address, out_dir=args.out, name=args.name,
-                      progress=not args.quiet, retry_failed=args.retry_failed)
+                      progress=not args.quiet, retry_failed=args.retry_failed, check_images=args.check_images)
     print(f"\nleaderboard: {board}")
     return 0
 
@@ -23,7 +23,8 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from harness.app.runner import run_suite
     board = run_suite(args.suite, address=args.address, out_dir=args.out, name=args.name,
-                      progress=not args.quiet, checkpoint=args.checkpoint, method=args.method)
+                      progress=not args.quiet, checkpoint=args.checkpoint, method=args.method,
+                      check_images=args.check_images)
     print(f"\nleaderboard: {board}")
     return 0
 
@@ -117,7 +118,7 @@ def cmd_data_synth(args) -> int:
 
 def cmd_data_check(args) -> int:
     from harness.data import check_coco
-    summary = check_coco(args.annotations, args.images)
+    summary = check_coco(args.annotations, args.images, level=args.check_images)
     for key, value in summary.items():
         print(f"{key:>18}: {value}")
     print("ok")
@@ -160,6 +161,12 @@ def cmd_check(args) -> int:
     return 1 if any(c.state(args.tolerance) in ("regressed", "missing") for c in checks) else 0
 
 
+def _check_images_option(parser) -> None:
+    from harness.data import CHECK_LEVELS
+    parser.add_argument("--check-images", choices=CHECK_LEVELS, default="header",
+                        help="before anything runs, look at every image: none; header (exists, size, format, "
+                             "structure; default); decode (a full decode: also finds truncated JPEGs)")
+
 def cmd_methods(args) -> int:
     from harness.plugin import METHODS
     if args.cost:
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an existing run of that name is resumed")
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--retry-failed", action="store_true", help="when resuming: rerun the failed cells too")
+    _check_images_option(r)
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on every dataset and test condition of a suite "
@@ -212,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="a folder or s3://BUCKET/PREFIX (as for run)")
     e.add_argument("--name", default=None, help="run directory name (default: eval-suite-timestamp)")
     e.add_argument("--quiet", action="store_true", help="no progress display")
+    _check_images_option(e)
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plan", help="dry run without Ray: cells, stages, epochs, images, resources, "
@@ -269,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = d.add_parser("check", help="validate a COCO instances JSON and its images")
     c.add_argument("annotations")
     c.add_argument("--images", required=True, help="image root folder")
+    _check_images_option(c)
     c.set_defaults(func=cmd_data_check)
 
     v = d.add_parser("convert", help="convert a dataset to COCO instances JSON")

@@ -134,7 +134,7 @@ def out_storage(out_dir: str | Path | None, suite: Suite | None = None) -> Stora
 
 def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: str | Path | None = None,
               name: str | None = None, progress: bool = True, retry_failed: bool = False,
-              checkpoint: str | None = None, method: str | None = None) -> Path:
+              checkpoint: str | None = None, method: str | None = None, check_images: str = "header") -> Path:
     """Run a suite end to end and return the path of its Markdown leaderboard.
 
     ``out_dir``: a folder or ``s3://BUCKET/PREFIX`` (default: the suite's ``storage.uri``, else
@@ -147,11 +147,11 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     if name and out.child(name).exists(RUN_FILE):
         print(f"detbench: {out.child(name).display()} exists: resuming it")
         return resume_run(out.child(name), address=address, progress=progress, retry_failed=retry_failed)
-    checked = prepare_suite(suite_path, progress=progress)
+    checked = prepare_suite(suite_path, progress=progress, check_images=check_images)
     suite, cells = checked.suite, checked.cells
     if checkpoint:
         cells = eval_cells(cells, checked.path, checkpoint, method,
-                           lambda d: load_split(d, "train", check_images=False).class_names)
+                           lambda d: load_split(d, "val", check_images=False).class_names)
     check_loggers(suite.loggers, run_dir=out.uri)  # a logger that cannot work: refused before Ray starts
     init_ray(address)
     nodes = cluster_nodes()
@@ -210,7 +210,7 @@ class CheckedSuite:
     cells: list[Cell]
 
 
-def prepare_suite(suite_path: str | Path, *, progress: bool = False) -> CheckedSuite:
+def prepare_suite(suite_path: str | Path, *, progress: bool = False, check_images: str = "header") -> CheckedSuite:
     """The one pre-run check of a suite file (``run`` and every command that runs a suite).
 
     Suite keys and values (search distributions included), dataset files and every image
@@ -221,7 +221,8 @@ def prepare_suite(suite_path: str | Path, *, progress: bool = False) -> CheckedS
     path = Path(suite_path)
     suite = load_suite(path)
     cache = data_cache_dir(suite)
-    prepared = {ds.name: prepare_dataset(ds, cache, progress=progress) for ds in suite.datasets}
+    prepared = {ds.name: prepare_dataset(ds, cache, check_level=check_images, progress=progress)
+                for ds in suite.datasets}
     conditions = {name: prepare_conditions(suite.conditions, p, cache, seed=suite.condition_seed,
                                            progress=progress) for name, p in prepared.items()}
     return CheckedSuite(path, suite, prepared, conditions, plan_cells(suite, prepared, conditions))

@@ -188,6 +188,18 @@ class ScheduleSpec(Strict):
     # 2 * factor + 1 bins of log2 aspect ratio; None: plain shuffled batches.
     aspect_ratio_group_factor: int | None = Field(None, ge=0)
     eval_every: int = Field(1, ge=1)  # validation AP every N epochs (and always at the end)
+    # Images per evaluation batch and worker (torchvision's references evaluate at 1; results do
+    # not depend on it, speed does).
+    eval_batch_size: int = Field(8, ge=1)
+    # Training augmentation: "hflip" = torchvision references' RandomHorizontalFlip(0.5), boxes
+    # flipped with the image, drawn per (seed, epoch, image).
+    augment: list[Literal["hflip"]] = Field(default_factory=list)
+    # Train only on images with a usable annotation (torchvision references'
+    # _coco_remove_images_without_annotations).
+    drop_empty_train_images: bool = False
+    # DataLoader worker processes per training worker; None: the worker's CPUs minus one
+    # (resources.cpus_per_worker). Results do not depend on it.
+    loader_workers: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _steps(self) -> "ScheduleSpec":

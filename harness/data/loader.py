@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from harness.config import DatasetSpec
-from harness.data.coco import CocoDetection, CocoIndex, check_image_files, collate_detection, load_coco
+from harness.data.coco import (CocoDetection, CocoIndex, cached_index, check_image_files, collate_detection,
+                               load_coco, open_index)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class PreparedDataset:
     val_images: str
     protocol: str = "coco"  # evaluation protocol: coco | visdrone
     repeat: int = 1         # the train split this many times per epoch
+    train_index: str = ""   # the compact index of each split (harness.data.coco.save_index); "": none
+    val_index: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -50,17 +56,19 @@ class PreparedCondition:
     images: str
     protocol: str = "coco"
     by_name: bool = False
+    index: str = ""     # the compact index of ``annotations`` ("": none)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True,
+def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True, check_level: str = "header",
                     progress: bool = False) -> PreparedDataset:
-    """Materialise (synthetic) or locate (COCO) a dataset and validate both splits.
+    """Materialise (synthetic) or locate (COCO) a dataset, validate and index both splits.
 
-    ``check``: annotations validated and every image opened (:func:`check_images`), the
-    same checks as ``detbench data check``.
+    The annotations are always validated and indexed (once per file content, into
+    ``cache_dir/index``); ``check``: every image looked at too (:func:`check_images` at
+    ``check_level``), the same checks as ``detbench data check``.
     """
     if spec.format == "synthetic":
         from harness.data.synthetic import write_synthetic_coco, write_synthetic_visdrone
@@ -88,22 +96,26 @@ def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True,
                                    spec.val.annotations, spec.val.images)
     if spec.repeat != 1:
         prepared = dataclasses.replace(prepared, repeat=spec.repeat)
+    indexes = {}
+    for split in ("train", "val"):  # validated and indexed once, memory-mapped by every rank and loader worker
+        ann, images = getattr(prepared, f"{split}_annotations"), getattr(prepared, f"{split}_images")
+        indexes[split], folder = cached_index(ann, images, cache_dir)
+        prepared = dataclasses.replace(prepared, **{f"{split}_index": str(folder)})
     if check:
-        train, val = load_split(prepared, "train"), load_split(prepared, "val")
-        check_images(train, progress=progress)
-        check_images(val, progress=progress)
-        if train.class_names != val.class_names:
+        check_images(indexes["train"], level=check_level, progress=progress)
+        check_images(indexes["val"], level=check_level, progress=progress)
+        if indexes["train"].class_names != indexes["val"].class_names:
             from harness.core import DataError
-            raise DataError(f"train and val have different categories ({train.class_names} vs "
-                            f"{val.class_names})", file=prepared.val_annotations, field="categories")
+            raise DataError(f"train and val have different categories ({indexes['train'].class_names} vs "
+                            f"{indexes['val'].class_names})", file=prepared.val_annotations, field="categories")
     return prepared
 
 
-def check_images(index: CocoIndex, *, progress: bool = False) -> None:
-    """Every image of a split opened before anything runs; the time said when it was long."""
-    seconds = check_image_files(index, progress=progress)
+def check_images(index: CocoIndex, *, level: str = "header", progress: bool = False) -> None:
+    """Every image of a split checked before anything runs; the time said when it was long."""
+    seconds = check_image_files(index, level=level, progress=progress)
     if seconds > 5:
-        print(f"detbench: checked {len(index)} images of {index.ann_file} in {seconds:.0f} s")
+        print(f"detbench: checked {len(index)} images of {index.ann_file} ({level}) in {seconds:.0f} s")
 
 
 def _visdrone_json(folder, cache_dir) -> Path:
@@ -118,29 +130,57 @@ def _visdrone_json(folder, cache_dir) -> Path:
 
 
 def load_split(prepared: PreparedDataset | dict, split: str, *, check_images: bool = True) -> CocoIndex:
+    """A split's index: its saved compact index when the dataset has one (memory-mapped),
+    else the annotation file validated now."""
     d = prepared if isinstance(prepared, dict) else prepared.to_dict()
-    return load_coco(d[f"{split}_annotations"], d[f"{split}_images"], check_images=check_images)
+    return split_index(d.get(f"{split}_index", ""), d[f"{split}_annotations"], d[f"{split}_images"],
+                       check_images=check_images)
+
+
+def split_index(folder: str, annotations: str, images: str, *, check_images: bool = False) -> CocoIndex:
+    """The index of ``annotations`` at ``folder``; when this node cannot see ``folder`` (a node
+    without the driver's data cache), built once into this node's cache from the annotations."""
+    if not folder:
+        return load_coco(annotations, images, check_images=check_images)
+    if Path(folder, "meta.json").is_file():
+        return open_index(Path(folder), images, annotations)
+    from harness.core import node_cache_dir
+    log.info("index %s is not on this node: building it from %s", folder, annotations)
+    return cached_index(annotations, images, node_cache_dir())[0]
+
+
+def _worker_options(num_workers: int, pin_memory: bool) -> dict:
+    """DataLoader options for ``num_workers`` loader processes: kept alive across epochs (the
+    epoch reaches them through :class:`~harness.data.coco.SharedEpoch`), two batches ahead each;
+    ``pin_memory`` for asynchronous host-to-GPU copies."""
+    opts = {"num_workers": num_workers, "pin_memory": pin_memory}
+    if num_workers > 0:
+        opts.update(persistent_workers=True, prefetch_factor=2)
+    return opts
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: int, world_size: int = 1,
-                 rank: int = 0, num_workers: int = 0, aspect_ratios: list[float] | None = None,
-                 group_factor: int | None = None) -> DataLoader:
+                 rank: int = 0, num_workers: int = 0, pin_memory: bool = False,
+                 aspect_ratios: list[float] | None = None, group_factor: int | None = None) -> DataLoader:
     """Shuffled, sharded over DDP ranks; ``batch_size`` is per worker.
 
     With ``aspect_ratios`` (width / height per item) and ``group_factor``, batches hold images
     of one aspect-ratio group (:class:`~harness.data.samplers.GroupedBatchSampler` over each
-    rank's shard, every image of the shard once per epoch).
+    rank's shard, every image of the shard once per epoch). The batches depend on the seed
+    only, never on ``num_workers``: the order comes from the samplers in this process, and
+    every random choice of a sample from ``(seed, epoch, index)``.
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
+    opts = _worker_options(num_workers, pin_memory)
     if aspect_ratios is not None and group_factor is not None:
         from harness.data.samplers import GroupedBatchSampler, aspect_ratio_groups
         batches = GroupedBatchSampler(sampler, aspect_ratio_groups(aspect_ratios, group_factor), batch_size)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_detection,
-                          generator=torch.Generator().manual_seed(seed))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_detection, drop_last=len(dataset) > batch_size * world_size,
-                      generator=torch.Generator().manual_seed(seed))
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
+                          generator=torch.Generator().manual_seed(seed), **opts)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_detection,
+                      drop_last=len(dataset) > batch_size * world_size,
+                      generator=torch.Generator().manual_seed(seed), **opts)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -152,10 +192,13 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
-def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank: int = 0) -> DataLoader:
+def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank: int = 0,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Every image exactly once over all ranks (strided shards, no padding duplicates)."""
     dataset = torch.utils.data.Subset(CocoDetection(index), range(rank, len(index), world_size))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+    opts = _worker_options(num_workers, pin_memory)
+    opts.pop("persistent_workers", None)  # one pass per evaluation: workers end with it
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection, **opts)
 
 
 def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, *, seed: int = 0,
@@ -177,7 +220,7 @@ def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, 
         val = val or load_split(prepared, "val", check_images=False)
         root = render_condition(val, cond, Path(cache_dir) / "conditions", suite_seed=seed, progress=progress)
         out.append(PreparedCondition(cond.label, cond.name, cond.severity, prepared.val_annotations, str(root),
-                                     prepared.protocol, by_name=False))
+                                     prepared.protocol, by_name=False, index=prepared.val_index))
     for real in (c for c in items if isinstance(c, dict) and "format" in c):
         if real.get("dataset") not in (None, prepared.name):
             continue
@@ -186,6 +229,8 @@ def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, 
             from harness.data.voc import write_voc_as_coco
             key = hashlib.sha256(f"{real['xml']}|{real['images']}".encode()).hexdigest()[:12]
             ann = str(write_voc_as_coco(real["xml"], real["images"], Path(cache_dir) / "voc" / f"{key}.json"))
-        check_images(load_coco(ann, real["images"]), progress=progress)  # validated now, not inside a worker
-        out.append(PreparedCondition(real["name"], real["name"], 0, ann, real["images"], "coco", by_name=True))
+        index, folder = cached_index(ann, real["images"], cache_dir)
+        check_images(index, progress=progress)  # validated now, not inside a worker
+        out.append(PreparedCondition(real["name"], real["name"], 0, ann, real["images"], "coco", by_name=True,
+                                     index=str(folder)))
     return out

@@ -200,14 +200,14 @@ def _render_locked(index, condition, root: Path, params: dict, *, suite_seed, pr
     # One job per distinct file_name (duplicates share the first image's seed).
     todo, seen, files = [], set(), {}
     for i, info in enumerate(index.images):
-        fn = info["file_name"]
+        fn = info.file_name
         if fn in seen:
             continue
         seen.add(fn)
         dst = root / fn
         if not dst.resolve().is_relative_to(root_res):
             raise DataError(f"file_name {fn!r} points outside the image root",
-                            file=index.ann_file, record=f"image id={info['id']}",
+                            file=index.ann_file, record=f"image id={info.id}",
                             field="file_name")
         src = index.image_path(i)
         rec = records.get(fn)
@@ -216,8 +216,8 @@ def _render_locked(index, condition, root: Path, params: dict, *, suite_seed, pr
                                               "src_mtime_ns")}
         else:
             todo.append((fn, str(src), str(dst), condition.name, condition.severity,
-                         image_seed(info["id"], condition.name, condition.severity, suite_seed),
-                         (info["width"], info["height"]), info["id"]))
+                         image_seed(info.id, condition.name, condition.severity, suite_seed),
+                         (info.width, info.height), info.id))
     _remove_stale_tmp(root)
     if manifest_ok and not todo and set(files) == set(manifest["files"]) \
             and all(files[f] == manifest["files"][f] for f in files):

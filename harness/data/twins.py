@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from harness.core import ConfigError, DataError
+from harness.data.coco import SharedEpoch, read_image
 from harness.data.conditions import Condition, expand_conditions
 from harness.data.corruptions import CORRUPTIONS, _check_name_severity, _to_uint8, corrupt
 from harness.data.render_cache import render_condition
@@ -46,8 +47,8 @@ class DegradedTwins(torch.utils.data.Dataset):
     ``(image float [3,H,W] in [0,1], target)``).  Item ``i`` in epoch ``e``
     gets one condition drawn from ``conditions`` (uniformly, ``clean``
     allowed) and a corruption seed, both from ``(seed, e, i)`` only -- call
-    :meth:`set_epoch` each epoch (DataLoader workers must be re-created, i.e.
-    ``persistent_workers=False``, to see it, as with ``DistributedSampler``).
+    :meth:`set_epoch` each epoch (the epoch is in shared memory: persistent DataLoader
+    workers see it). Images stay uint8 when the wrapped dataset gives uint8.
 
     * ``cache_dir=None``: corrupted on the fly, after the wrapped dataset's
       own transform (so random flips/crops are shared by both twins).  The
@@ -66,7 +67,7 @@ class DegradedTwins(torch.utils.data.Dataset):
                  suite_seed: int = 0, progress: bool = False, field: str = "conditions"):
         conds = twin_conditions(conditions, field=field)
         self.dataset, self.conditions, self.seed = dataset, conds, int(seed)
-        self.epoch = 0
+        self.epoch = SharedEpoch()
         self.suite_seed = int(suite_seed)
         self.roots: dict[Condition, Path] | None = None
         if cache_dir is not None:
@@ -82,14 +83,16 @@ class DegradedTwins(torch.utils.data.Dataset):
                                               progress=progress) for c in conds}
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch.set(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def draw(self, i: int) -> tuple[Condition, int]:
         """The condition and corruption seed of item ``i`` in the current epoch."""
-        rng = np.random.default_rng([self.seed & (2 ** 63 - 1), self.epoch, int(i), 0x7717])
+        rng = np.random.default_rng([self.seed & (2 ** 63 - 1), self.epoch.get(), int(i), 0x7717])
         cond = self.conditions[int(rng.integers(len(self.conditions)))]
         return cond, int(rng.integers(2 ** 63))
 
@@ -99,13 +102,15 @@ class DegradedTwins(torch.utils.data.Dataset):
         if cond.is_clean:
             return clean, clean.clone(), target
         if self.roots is None:
-            u8 = _to_uint8(clean.permute(1, 2, 0).numpy())
-            out = corrupt(u8, cond.name, cond.severity, seed)
-            degraded = torch.from_numpy(out.astype(np.float32) / 255.0).permute(2, 0, 1)
-            return clean, degraded.contiguous(), target
-        from harness.data.coco import load_rgb
-        path = self.roots[cond] / self.dataset.index.images[i]["file_name"]
-        degraded = load_rgb(path)
+            hwc = clean.permute(1, 2, 0).numpy()
+            u8 = hwc if clean.dtype == torch.uint8 else _to_uint8(hwc)
+            out = corrupt(np.ascontiguousarray(u8), cond.name, cond.severity, seed)
+            return clean, torch.from_numpy(out).permute(2, 0, 1).contiguous(), target
+        k = self.dataset.image_index(i) if hasattr(self.dataset, "image_index") else i
+        path = self.roots[cond] / self.dataset.index.images.file_name(k)
+        degraded = read_image(path)
+        if getattr(self.dataset, "flipped", lambda _: False)(i):  # the rendered file is unflipped; the clean twin was flipped
+            degraded = degraded.flip(-1)
         if degraded.shape != clean.shape:
             raise DataError(f"rendered image {path} is {tuple(degraded.shape)}, clean is "
                             f"{tuple(clean.shape)}", file=path)

@@ -3,10 +3,11 @@ precision, evaluation, and the typed records of a stage's job and state (the ben
 directly; :mod:`harness.sweep` calls it inside Ray Train)."""
 from harness.engine.stage import (FINITE_CHECK_EVERY, NonFiniteLoss, Precision, RepeatedDataset, StageJob, StageState,
                                   autocast_dtype, build_optimizer, evaluate_checkpoint, evaluate_detector,
-                                  evaluate_stage, grouped_loader, lr_factor, parameter_groups, run_stage,
-                                  seed_everything, train_one_epoch, use_deterministic_kernels)
+                                  evaluate_stage, grouped_loader, images_to_device, loader_workers, lr_factor,
+                                  parameter_groups, run_stage, seed_everything, train_one_epoch, training_images,
+                                  use_deterministic_kernels)
 
 __all__ = ["FINITE_CHECK_EVERY", "NonFiniteLoss", "Precision", "RepeatedDataset", "StageJob", "StageState",
            "autocast_dtype", "build_optimizer", "evaluate_checkpoint", "evaluate_detector", "evaluate_stage",
-           "grouped_loader", "lr_factor", "parameter_groups", "run_stage", "seed_everything", "train_one_epoch",
-           "use_deterministic_kernels"]
+           "grouped_loader", "images_to_device", "loader_workers", "lr_factor", "parameter_groups", "run_stage",
+           "seed_everything", "train_one_epoch", "training_images", "use_deterministic_kernels"]

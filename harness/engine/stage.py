@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import DetectorSpec, ScheduleSpec
-from harness.data import (CocoDetection, PreparedCondition, PreparedDataset, eval_loader, load_coco, load_split,
-                          set_loader_epoch, train_loader)
+from harness.data import (CocoDetection, PreparedCondition, PreparedDataset, eval_loader, image_to_float, load_split,
+                          set_loader_epoch, split_index, train_loader)
 from harness.evaluate import coco_detections_from_outputs, evaluate_coco
 from harness.modeling import detector_cost, inference_cost
 from harness.plugin import Method, StageContext
@@ -134,9 +134,10 @@ class RepeatedDataset(torch.utils.data.Dataset):
 
 
 def to_device(obj, device):
-    """Tensors anywhere inside lists / tuples / dicts moved to ``device``."""
+    """Tensors anywhere inside lists / tuples / dicts moved to ``device`` (asynchronously from
+    pinned memory)."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -144,11 +145,30 @@ def to_device(obj, device):
     return obj
 
 
+def images_to_device(obj, device):
+    """A batch's inputs on ``device``, uint8 images (:func:`harness.data.read_image`) made float
+    in [0,1] there: a quarter of the bytes cross the bus, and the conversion is the device's."""
+    if torch.is_tensor(obj):
+        return image_to_float(obj.to(device, non_blocking=True))
+    if isinstance(obj, dict):
+        return {k: images_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(images_to_device(v, device) for v in obj)
+    return obj
+
+
+def loader_workers(schedule: ScheduleSpec, cpus: int) -> int:
+    """DataLoader worker processes of one training worker: ``schedule.loader_workers``, else one
+    per CPU the worker has beyond the one training runs on."""
+    return schedule.loader_workers if schedule.loader_workers is not None else max(0, int(cpus) - 1)
+
+
 @torch.no_grad()
 def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8, world_size: int = 1,
                       rank: int = 0, transform=None, protocol: str = "coco",
                       class_names: list[str] | None = None, amp: bool = False,
-                      on_detections: Callable[[list[dict]], None] | None = None) -> dict[str, float]:
+                      on_detections: Callable[[list[dict]], None] | None = None, num_workers: int = 0,
+                      gt: dict | None = None) -> dict[str, float]:
     """AP of ``detector`` on ``index`` (COCO or VisDrone protocol); images sharded over ranks.
 
     ``class_names`` (the names of the detector's labels 1..N) maps predictions to a test set
@@ -156,6 +176,7 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
     Every rank evaluates its shard; the detections are gathered and every rank computes the
     same AP (no rank-0-only evaluation, no idle workers). ``on_detections`` receives the gathered
     COCO result dicts (the final evaluation keeps them: :mod:`harness.evaluate.detections`).
+    ``gt``: ``index.gt_for_eval()`` when the caller has it already (conditions sharing a split).
     """
     label_to_cat = index.label_to_cat_id
     if class_names is not None:
@@ -166,11 +187,14 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
     detector.eval()
     dtype = autocast_dtype(device) if amp else None
     dets = []
-    for images, targets in eval_loader(index, batch_size, world_size=world_size, rank=rank):
+    loader = eval_loader(index, batch_size, world_size=world_size, rank=rank, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    for images, targets in loader:
+        images = images_to_device(images, device)
         if transform is not None:
             images = [transform(im) for im in images]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = detector([im.to(device) for im in images])
+            outputs = detector(images)
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         keep = [torch.isin(o["labels"], known) for o in outputs]
         dets += coco_detections_from_outputs([t["image_id"] for t in targets],
@@ -185,8 +209,8 @@ def evaluate_detector(detector: nn.Module, index, *, device, batch_size: int = 8
         on_detections(dets)
     if protocol == "visdrone":
         from harness.evaluate import evaluate_visdrone
-        return evaluate_visdrone(index.gt, dets)
-    return evaluate_coco(index.gt_for_eval(), dets)
+        return evaluate_visdrone(index.ann_file, dets)
+    return evaluate_coco(gt if gt is not None else index.gt_for_eval(), dets)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -230,6 +254,8 @@ class StageJob:
     checkpoint_classes: list[str] | None = None
     #: Where rank 0 publishes the final evaluations' detections (a Storage; None: not kept).
     detections: object | None = None
+    #: DataLoader worker processes (:func:`loader_workers`); 0: images are read in this process.
+    loader_workers: int = 0
 
 
 @dataclass
@@ -301,7 +327,7 @@ def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimiz
     for step, (images, targets) in enumerate(loader):
         ctx.step_in_epoch = step
         set_lr(optimizer, epoch * len(loader) + step, total_steps, s)
-        images, targets = to_device(images, device), to_device(targets, device)
+        images, targets = images_to_device(images, device), to_device(targets, device)
         with precision.autocast(device):
             terms = job.method.training_losses(job.stage, trained, images, targets, ctx)
             if step == 0 and s.loss_weights:
@@ -335,9 +361,20 @@ def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageSt
     ``on_condition`` is called after each one so it can be checkpointed.
     """
     classes = job.checkpoint_classes
-    common = dict(device=ctx.device, world_size=ctx.world_size, rank=ctx.rank, amp=job.schedule.amp)
-    state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.protocol,
-                                        class_names=classes, on_detections=_keeper(job, ctx, "clean", 0, final), **common)
+    common = dict(device=ctx.device, world_size=ctx.world_size, rank=ctx.rank, amp=job.schedule.amp,
+                  batch_size=job.schedule.eval_batch_size, num_workers=job.loader_workers)
+    gts: dict[str, dict] = {}  # a split's evaluation ground truth, built once for all its conditions
+
+    def gt_of(index, folder: str, protocol: str) -> dict | None:
+        if protocol != "coco" or not folder:
+            return None
+        if folder not in gts:
+            gts[folder] = index.gt_for_eval()
+        return gts[folder]
+
+    state.last_eval = evaluate_detector(detector, val_index, protocol=job.dataset.protocol, class_names=classes,
+                                        on_detections=_keeper(job, ctx, "clean", 0, final),
+                                        gt=gt_of(val_index, job.dataset.val_index, job.dataset.protocol), **common)
     if not final:
         return state.last_eval
     if hasattr(getattr(detector, "backbone", None), "neck_name"):
@@ -347,11 +384,11 @@ def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageSt
     for cond in job.conditions:  # degraded test sets: once, with the final model
         if cond.label in state.conditions:
             continue
-        index = load_coco(cond.annotations, cond.images, check_images=False)
+        index = split_index(cond.index, cond.annotations, cond.images)
         names = classes or (ctx.class_names if cond.by_name else None)  # the training classes
         state.conditions[cond.label] = evaluate_detector(detector, index, protocol=cond.protocol, class_names=names,
                                                          on_detections=_keeper(job, ctx, cond.name, cond.severity, True),
-                                                         **common)
+                                                         gt=gt_of(index, cond.index, cond.protocol), **common)
         if on_condition:
             on_condition(state)
     return state.last_eval
@@ -365,20 +402,28 @@ def _keeper(job: StageJob, ctx: StageContext, condition: str, severity: int, fin
     return lambda dets: write_detections(job.detections, f"{condition_key(condition, severity)}.parquet", dets)
 
 
-def grouped_loader(dataset, train_index, per_worker: int, s: ScheduleSpec, *, seed: int, world_size: int,
-                   rank: int):
-    """The training loader; with ``aspect_ratio_group_factor``, batches of similar aspect ratio."""
+def grouped_loader(dataset, train_ratios, per_worker: int, s: ScheduleSpec, *, seed: int, world_size: int,
+                   rank: int, num_workers: int = 0, pin_memory: bool = False):
+    """The training loader; with ``aspect_ratio_group_factor``, batches of similar aspect ratio
+    (``train_ratios``: width / height of each image of the detection set)."""
     ratios = None
     if s.aspect_ratio_group_factor is not None:
-        n = len(train_index)
+        n = len(train_ratios)
         if len(dataset) % n:
             log.warning("aspect-ratio grouping skipped: the method's training set (%d items) is not the "
                         "detection set (%d images) repeated", len(dataset), n)
         else:
-            ratios = [train_index.images[i % n]["width"] / train_index.images[i % n]["height"]
-                      for i in range(len(dataset))]
+            ratios = np.resize(train_ratios, len(dataset)).tolist()
     return train_loader(dataset, per_worker, seed=seed, world_size=world_size, rank=rank,
-                        aspect_ratios=ratios, group_factor=s.aspect_ratio_group_factor)
+                        aspect_ratios=ratios, group_factor=s.aspect_ratio_group_factor, num_workers=num_workers,
+                        pin_memory=pin_memory)
+
+
+def training_images(index, s: ScheduleSpec, *, seed: int) -> CocoDetection:
+    """The detection training set of a schedule: ``drop_empty_train_images`` keeps the images
+    torchvision's references train on; ``augment: [hflip]`` flips half of them, per epoch."""
+    items = index.trainable() if s.drop_empty_train_images else None
+    return CocoDetection(index, items=items, flip_seed=seed if "hflip" in s.augment else None)
 
 
 def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank: int = 0,
@@ -396,10 +441,9 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
     s = job.schedule
     if s.deterministic:
         use_deterministic_kernels()
-    train_index = load_split(job.dataset, "train", check_images=False)
-    val_index = load_split(job.dataset, "val", check_images=False)
+    val_index = load_split(job.dataset, "val", check_images=False)  # its classes are train's (prepare_dataset)
     ctx = StageContext(stage=job.stage, detector=job.detector, arch=job.arch, schedule=s,
-                       num_classes=len(train_index.class_names), class_names=train_index.class_names,
+                       num_classes=len(val_index.class_names), class_names=val_index.class_names,
                        device=device, seed=job.seed, world_size=world_size, rank=rank,
                        artifacts=dict(job.artifacts), conditions=list(job.conditions))
     state = state or StageState()
@@ -413,10 +457,13 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
         optimizer.load_state_dict(model_state["optimizer"])
         if "scaler" in model_state:
             precision.scaler.load_state_dict(model_state["scaler"])
-    dataset = RepeatedDataset(job.method.train_dataset(job.stage, ctx, CocoDetection(train_index)),
-                              job.dataset.repeat)
-    loader = grouped_loader(dataset, train_index, max(1, s.batch_size // world_size), s, seed=job.seed,
-                            world_size=world_size, rank=rank)
+    train_index = load_split(job.dataset, "train", check_images=False)
+    detection_set = training_images(train_index, s, seed=job.seed)
+    dataset = RepeatedDataset(job.method.train_dataset(job.stage, ctx, detection_set), job.dataset.repeat)
+    loader = grouped_loader(dataset, train_index.aspect_ratios()[detection_set.items]
+                            if detection_set.items is not None else train_index.aspect_ratios(),
+                            max(1, s.batch_size // world_size), s, seed=job.seed, world_size=world_size, rank=rank,
+                            num_workers=job.loader_workers, pin_memory=device.type == "cuda")
     ctx.steps_per_epoch = len(loader)
     trained = wrap(model) if wrap else model
 

@@ -33,6 +33,18 @@ def _where(overrides: dict, i: int, key: str) -> str:
     return f"methods[{i}].detector.{key}" if key in overrides else f"detector.{key}"
 
 
+def check_loader_workers(suite: Suite, m: MethodSpec, i: int, path: Path) -> None:
+    """Loader processes are the training worker's CPUs: more than it was given would oversubscribe
+    the node (Ray schedules by ``resources.cpus_per_worker``)."""
+    workers = schedule_for(suite, m).loader_workers
+    cpus = suite.resources.cpus_per_worker
+    if workers is not None and workers > cpus:
+        field = f"methods[{i}].schedule.loader_workers" if "loader_workers" in m.schedule \
+            else "schedule.loader_workers"
+        raise ConfigError(f"{workers} loader workers but each training worker has {cpus:g} CPUs "
+                          f"(resources.cpus_per_worker); at most {int(cpus)}", file=path, field=field)
+
+
 def check_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suite:
     """Every plugin name of ``suite`` resolved; returns it with ``search.space: default`` expanded."""
     for k, item in enumerate(suite.conditions):
@@ -43,6 +55,7 @@ def check_suite(suite: Suite, path: Path, *, check_paths: bool = True) -> Suite:
                 raise ConfigError(err.message, file=path, field=err.field) from None
     methods = list(suite.methods)
     for i, m in enumerate(methods):
+        check_loader_workers(suite, m, i, path)
         method = METHODS.get(m.name, file=path, field=f"methods[{i}].name")
         method_config = method.validate_config(m.config, file=str(path), prefix=("methods", i, "config"))
         plugin = method(method_config)

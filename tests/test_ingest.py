@@ -1,0 +1,312 @@
+"""Training ingest at scale: the compact index, loader workers, image checks, torchvision's data rules."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.config import ScheduleSpec
+from harness.core import ConfigError, DataError
+from harness.data import (CocoDetection, DegradedTwins, PreparedCondition, cached_index, check_coco, load_coco, load_rgb, open_index,
+                          read_image, save_index, set_loader_epoch, train_loader, write_synthetic_coco,
+                          write_synthetic_visdrone)
+from harness.engine import images_to_device, training_images
+from harness.plan import load_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    ann = write_synthetic_coco(tmp_path_factory.mktemp("syn") / "d", n_images=24, seed=5, max_objects=4)
+    return ann, ann.parent
+
+
+def _quirky_coco(tmp_path) -> tuple[Path, Path]:
+    """COCO's quirks: sparse ids, non-contiguous categories, crowd, clipped / zero-area / <=1 px
+    boxes, an image without annotations, one with only a crowd region, file-given areas."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    images = [{"id": 900001, "file_name": "a.jpg", "width": 64, "height": 48},
+              {"id": 42, "file_name": "b.jpg", "width": 48, "height": 64},
+              {"id": 7, "file_name": "c.jpg", "width": 64, "height": 48},   # no annotation
+              {"id": 8, "file_name": "d.jpg", "width": 64, "height": 48},   # only tiny boxes
+              {"id": 9, "file_name": "e.jpg", "width": 64, "height": 48}]   # only a crowd region
+    for im in images:
+        Image.new("RGB", (im["width"], im["height"]), (10, 200, 30)).save(root / im["file_name"], quality=90)
+    anns = [{"id": 5, "image_id": 900001, "category_id": 17, "bbox": [1.5, 2, 10, 5], "area": 33.25, "iscrowd": 0},
+            {"id": 6, "image_id": 900001, "category_id": 3, "bbox": [50, 40, 30, 30]},              # clipped
+            {"id": 11, "image_id": 900001, "category_id": 3, "bbox": [0, 0, 64, 48], "iscrowd": 1},
+            {"id": 12, "image_id": 42, "category_id": 17, "bbox": [60, 3, 5, 5]},                  # outside: dropped
+            {"id": 13, "image_id": 42, "category_id": 3, "bbox": [3, 3, 20, 30.5]},
+            {"id": 14, "image_id": 8, "category_id": 3, "bbox": [3, 3, 1, 9]},                     # side <= 1
+            {"id": 15, "image_id": 9, "category_id": 3, "bbox": [3, 3, 20, 20], "iscrowd": 1}]
+    cats = [{"id": 17, "name": "dog"}, {"id": 3, "name": "cat"}]
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"info": {"v": 1}, "images": images, "annotations": anns, "categories": cats}))
+    return ann, root
+
+
+def _same_targets(a, b):
+    assert len(a) == len(b) and a.class_names == b.class_names and a.cat_id_to_label == b.cat_id_to_label
+    assert list(a.images) == list(b.images)
+    for i in range(len(a)):
+        ta, tb = a.target(i), b.target(i)
+        assert ta["image_id"] == tb["image_id"]
+        for k in ("boxes", "labels", "ignore_boxes"):
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), (i, k)
+    assert a.gt_for_eval() == b.gt_for_eval()
+
+
+def _reference_targets(ann_file):
+    """The targets by the rules of docs/datasets (independent of harness.data.coco): labels by
+    ascending category id, boxes clipped xyxy, zero-area dropped, crowd boxes as ignore boxes."""
+    data = json.loads(Path(ann_file).read_text())
+    label = {c: k + 1 for k, c in enumerate(sorted(c["id"] for c in data["categories"]))}
+    out = {}
+    for im in data["images"]:
+        W, H = im["width"], im["height"]
+        boxes, labels, ignore = [], [], []
+        for a in data["annotations"]:
+            if a["image_id"] != im["id"]:
+                continue
+            x, y, w, h = a["bbox"]
+            x1, y1, x2, y2 = min(max(x, 0), W), min(max(y, 0), H), min(max(x + w, 0), W), min(max(y + h, 0), H)
+            if x2 <= x1 or y2 <= y1:
+                continue
+            if a.get("iscrowd"):
+                ignore.append([x1, y1, x2, y2])
+            else:
+                boxes.append([x1, y1, x2, y2])
+                labels.append(label[a["category_id"]])
+        out[im["id"]] = (np.float32(boxes).reshape(-1, 4), labels, np.float32(ignore).reshape(-1, 4))
+    return out
+
+
+def test_saved_index_gives_the_same_targets_as_the_annotation_file(tmp_path, synthetic):
+    ann, root = _quirky_coco(tmp_path)
+    vis = write_synthetic_visdrone(tmp_path / "vis", n_images=4, seed=2)
+    from harness.data import convert_visdrone
+    vis_json = convert_visdrone(vis, tmp_path / "vis.json")
+    for a, r in ((ann, root), synthetic, (vis_json, vis / "images")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = load_coco(a, r)
+        opened = open_index(save_index(parsed, tmp_path / "idx" / Path(a).stem), r, a)
+        assert isinstance(opened.arrays["ann_boxes"], np.memmap)  # shared pages, no per-process copy
+        _same_targets(parsed, opened)
+        ref = _reference_targets(a)
+        for i in range(len(opened)):
+            t = opened.target(i)
+            boxes, labels, ignore = ref[t["image_id"]]
+            assert np.array_equal(t["boxes"].numpy(), boxes) and t["labels"].tolist() == labels
+            assert np.array_equal(t["ignore_boxes"].numpy(), ignore)
+
+
+def test_evaluation_ground_truth_keeps_file_areas_and_crowd(tmp_path):
+    ann, root = _quirky_coco(tmp_path)
+    gt = load_coco(ann, root).gt_for_eval()
+    by_id = {a["id"]: a for a in gt["annotations"]}
+    assert by_id[5]["area"] == 33.25 and by_id[5]["bbox"] == [1.5, 2.0, 10.0, 5.0]  # the file's area, not the box's
+    assert by_id[6]["bbox"] == [50.0, 40.0, 14.0, 8.0] and by_id[6]["area"] == 14.0 * 8.0
+    assert by_id[11]["iscrowd"] == 1 and 12 not in by_id
+    assert gt["categories"] == [{"id": 17, "name": "dog"}, {"id": 3, "name": "cat"}] and gt["info"] == {"v": 1}
+
+
+def test_index_is_keyed_by_content_and_rebuilt_when_the_file_changes(tmp_path):
+    ann, root = _quirky_coco(tmp_path)
+    first, folder = cached_index(ann, root, tmp_path / "cache")
+    again, same = cached_index(ann, root, tmp_path / "cache")
+    assert same == folder and len(list((tmp_path / "cache" / "index").iterdir())) == 1
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"] = [2, 2, 4, 4]
+    ann.write_text(json.dumps(data))
+    os.utime(ann, ns=(0, ann.stat().st_mtime_ns))  # even with an old mtime: the content decides
+    changed, other = cached_index(ann, root, tmp_path / "cache")
+    assert other != folder and changed.target(0)["boxes"][0].tolist() == [2.0, 2.0, 6.0, 6.0]
+
+
+def test_drop_empty_follows_torchvision_references(tmp_path):
+    """``_coco_remove_images_without_annotations``: no annotation, or every box with a side <= 1 px
+    -> dropped; crowd annotations count as annotations."""
+    ann, root = _quirky_coco(tmp_path)
+    index = load_coco(ann, root)
+    assert [index.images[i].id for i in index.trainable()] == [900001, 42, 9]
+    keep = training_images(index, ScheduleSpec(drop_empty_train_images=True), seed=0)
+    assert len(keep) == 3 and keep[2][1]["image_id"] == 9
+    assert len(training_images(index, ScheduleSpec(), seed=0)) == 5
+
+
+def test_hflip_flips_half_the_images_and_their_boxes(synthetic):
+    ann, root = synthetic
+    index = load_coco(ann, root)
+    plain = training_images(index, ScheduleSpec(), seed=3)
+    flipping = training_images(index, ScheduleSpec(augment=["hflip"]), seed=3)
+    assert not any(plain.flipped(i) for i in range(len(plain)))
+    draws = []
+    for epoch in range(25):
+        flipping.set_epoch(epoch)
+        draws += [flipping.flipped(i) for i in range(len(flipping))]
+    n, k = len(draws), sum(draws)
+    assert abs(k - n / 2) < 4 * (n / 4) ** 0.5  # binomial(600, 1/2): 4 sigma
+    flipping.set_epoch(0)
+    for i in range(len(flipping)):
+        (im, t), (im0, t0) = flipping[i], plain[i]
+        w = index.images[i].width
+        if flipping.flipped(i):
+            assert torch.equal(im, im0.flip(-1))
+            x1, y1, x2, y2 = t0["boxes"].unbind(1)
+            assert torch.equal(t["boxes"], torch.stack([w - x2, y1, w - x1, y2], 1))
+        else:
+            assert torch.equal(im, im0) and torch.equal(t["boxes"], t0["boxes"])
+
+
+def _batches(dataset, workers, epochs=2):
+    loader = train_loader(dataset, 3, seed=11, num_workers=workers)
+    out = []
+    for epoch in range(epochs):
+        set_loader_epoch(loader, epoch)
+        out += list(loader)
+    return out
+
+
+def _equal(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.timeout(300)
+def test_loader_workers_give_the_same_batches(synthetic):
+    """Same seed, 0 or 2 loader processes (persistent across epochs): identical batches, with
+    per-epoch flips and FCTL's on-the-fly degraded twins drawn inside the workers."""
+    ann, root = synthetic
+    index = load_coco(ann, root)
+
+    class Pairs(torch.utils.data.Dataset):  # (clean, degraded) inputs, as FCTL's TwinPairs
+        def __init__(self):
+            self.twins = DegradedTwins(training_images(index, ScheduleSpec(augment=["hflip"]), seed=2),
+                                       ["fog@2", "dark@3", "clean"], seed=2)
+
+        def set_epoch(self, epoch):
+            self.twins.set_epoch(epoch)
+
+        def __len__(self):
+            return len(self.twins)
+
+        def __getitem__(self, i):
+            clean, degraded, target = self.twins[i]
+            return (clean, degraded), target
+
+    def dataset():
+        return Pairs()
+
+    inline, workers = _batches(dataset(), 0), _batches(dataset(), 2)
+    assert len(inline) == len(workers) == 2 * (len(index) // 3)
+    assert _equal(inline, workers)
+    assert not _equal(inline[:len(inline) // 2], inline[len(inline) // 2:])  # epochs differ
+
+
+def test_images_reach_the_device_as_float():
+    u8 = torch.tensor([[[0, 51, 255]]], dtype=torch.uint8).expand(3, 1, 3)
+    moved = images_to_device([(u8, u8), {"v": u8}], torch.device("cpu"))
+    assert moved[0][0].dtype == torch.float32
+    assert torch.equal(moved[0][0][0, 0], torch.tensor([0, 51, 255], dtype=torch.float32) / 255)
+    assert torch.equal(moved[1]["v"], moved[0][1])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_fast_decode_has_the_pixels_of_pil(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    a = (rng.random((37, 53, 3)) * 255).astype(np.uint8)
+    for name, img in (("rgb", Image.fromarray(a)), ("grey", Image.fromarray(a[..., 0]))):
+        path = tmp_path / f"{name}.{fmt.lower()}"
+        img.save(path, fmt)
+        got = read_image(path)
+        want = load_rgb(path)
+        assert torch.equal(got.float() / 255 if got.dtype == torch.uint8 else got, want), (fmt, name)
+
+
+def _truncated_jpeg_set(tmp_path):
+    ann = write_synthetic_coco(tmp_path / "d", n_images=3, seed=1)
+    root = ann.parent
+    data = json.loads(ann.read_text())
+    im = data["images"][1]
+    buf = io.BytesIO()
+    noise = (np.random.default_rng(0).random((im["height"], im["width"], 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG", quality=95)  # mostly scan data: half of it keeps the header
+    (root / im["file_name"]).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated, header intact
+    return ann, root, im
+
+
+def test_truncated_jpeg_found_by_decode_check_and_named_in_a_worker(tmp_path):
+    ann, root, im = _truncated_jpeg_set(tmp_path)
+    check_coco(ann, root, level="header")  # a header check cannot see it
+    with pytest.raises(DataError) as e:
+        check_coco(ann, root, level="decode")
+    assert im["file_name"] in str(e.value) and f"image id={im['id']}" in str(e.value)
+    loader = torch.utils.data.DataLoader(CocoDetection(load_coco(ann, root)), batch_size=1, num_workers=1,
+                                         collate_fn=lambda b: b)
+    with pytest.raises(DataError) as e:  # in a loader worker: the file and record named, not a hang
+        list(loader)
+    assert im["file_name"] in str(e.value) and f"image id={im['id']}" in str(e.value)
+
+
+def test_cli_decode_check_exits_2_naming_the_image(tmp_path):
+    ann, root, im = _truncated_jpeg_set(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "harness.app.cli", "data", "check", str(ann), "--images", str(root),
+                          "--check-images", "decode"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and im["file_name"] in run.stderr, run.stderr
+
+
+def test_more_loader_workers_than_cpus_is_refused(tmp_path):
+    text = (ROOT / "suites" / "smoke.yaml").read_text()
+    suite = tmp_path / "s.yaml"
+    suite.write_text(text + "\n" if "loader_workers" in text else text)
+    import yaml
+    data = yaml.safe_load(text)
+    data.setdefault("schedule", {})["loader_workers"] = 3
+    data.setdefault("resources", {})["cpus_per_worker"] = 2
+    suite.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_suite(suite, check_paths=False)
+    assert "schedule.loader_workers" in str(e.value) and "s.yaml" in str(e.value)
+    data["schedule"]["loader_workers"] = 2
+    suite.write_text(yaml.safe_dump(data))
+    load_suite(suite, check_paths=False)
+
+
+def _stages():
+    from harness.plugin import METHODS
+    return [(name, stage) for name in sorted(METHODS.names()) for stage in METHODS.get(name).stage_names()]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,stage", _stages())
+def test_every_training_set_is_independent_of_loader_workers(tmp_path, synthetic, name, stage):
+    """What a method's stage trains on (FCTL's twins, SoCo's views, ...) is built inside the loader
+    workers, and is the same batch for batch whether 0 or 2 of them build it."""
+    from harness.plugin import METHODS
+    from runkit import method_context
+    cls = METHODS.get(name)
+    plugin = cls(cls.validate_config(cls.test_config(tmp_path)))
+    ann, root = synthetic
+    index = load_coco(ann, root)
+    ctx = method_context(cls, stage)
+    ctx.conditions = [PreparedCondition("fog@2", "fog", 2, str(ann), str(root))]  # what twins train on
+    runs = [_batches(plugin.train_dataset(stage, ctx, training_images(index, ScheduleSpec(augment=["hflip"]), seed=4)),
+                     workers, epochs=2) for workers in (0, 2)]
+    assert _equal(*runs)
