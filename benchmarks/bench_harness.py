@@ -13,6 +13,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,13 +21,14 @@ import torch
 EPOCHS, IMAGES, BATCH = 4, 64, 8
 
 
-def _cell(dataset):
+def _cell(dataset, loader_workers: int = 0):
     from harness.config import DetectorSpec, ScheduleSpec
     from harness.plan import Cell
     return Cell(cell_id="faster_rcnn/bench/seed0", method="faster_rcnn", label="faster_rcnn", variant="",
                 stages=("train",), method_config={}, detector=DetectorSpec(fpn_width=64, image_size=128),
                 arch="faster_rcnn", schedule=ScheduleSpec(epochs=EPOCHS, batch_size=BATCH, eval_every=1000,
-                                                          warmup_iters=5), dataset=dataset, seed=0)
+                                                          warmup_iters=5, loader_workers=loader_workers),
+                dataset=dataset, seed=0)
 
 
 def _per_step(history: list[dict], steps: int, with_report: bool) -> float:
@@ -36,7 +38,7 @@ def _per_step(history: list[dict], steps: int, with_report: bool) -> float:
     return statistics.median(per)
 
 
-def bench_overhead(tmp: Path) -> None:
+def bench_overhead(tmp: Path, loader_workers: int = 0) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -48,22 +50,22 @@ def bench_overhead(tmp: Path) -> None:
 
     tr = write_synthetic_coco(tmp / "train", n_images=IMAGES, seed=0)
     va = write_synthetic_coco(tmp / "val", n_images=8, seed=1)
-    cell = _cell(PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)))
+    cell = _cell(PreparedDataset("bench", str(tr), str(tr.parent), str(va), str(va.parent)), loader_workers)
     cfg = {"cell": cell.to_dict(), "stages": ["train"], "threads": 1}
     steps = IMAGES // BATCH
 
     torch.set_num_threads(1)
-    plain, _ = run_stage(stage_job(cell, "train"), device=torch.device("cpu"))
+    plain, _ = run_stage(replace(stage_job(cell, "train"), loader_workers=loader_workers), device=torch.device("cpu"))
     t_plain = _per_step(plain.history, steps, with_report=False)
 
     init_ray(None)
     result = TorchTrainer(train_worker, train_loop_config=cfg,
-                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                          run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
+                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1 + loader_workers}),
+                          run_config=RunConfig(name=f"bench{loader_workers}", storage_path=str(tmp / "ray"))).fit()
     ray.shutdown()
     t_ray = _per_step(result.return_value["train"].history, steps, with_report=True)
     t_ray_train = _per_step(result.return_value["train"].history, steps, with_report=False)
-    print(f"(a) step time, faster_rcnn r18/FPN64/128px, batch {BATCH}, 1 thread:")
+    print(f"(a) step time, faster_rcnn r18/FPN64/128px, batch {BATCH}, 1 thread, {loader_workers} loader worker(s):")
     print(f"    plain PyTorch loop   {t_plain * 1000:8.1f} ms/step")
     print(f"    harness (Ray Train)  {t_ray * 1000:8.1f} ms/step  (incl. per-epoch report + checkpoint)")
     print(f"      of which training  {t_ray_train * 1000:8.1f} ms/step, report+checkpoint "
@@ -105,7 +107,8 @@ def bench_eval(tmp: Path, n_images: int = 2000) -> None:
 def main() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     with tempfile.TemporaryDirectory() as d:
-        bench_overhead(Path(d))
+        bench_overhead(Path(d) / "w0")
+        bench_overhead(Path(d) / "w1", loader_workers=1)  # images decoded in a loader process
         bench_eval(Path(d))
 
 

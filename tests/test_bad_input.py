@@ -264,6 +264,31 @@ resources: {{workers_per_trial: 1, cpus_per_worker: 64}}
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.timeout(hang_guard(25))
+def test_truncated_jpeg_refused_by_the_cluster_decode_before_the_run(world):
+    """--check-images decode: the header check passes a JPEG cut in its scan data; the full decode,
+    as Ray tasks on the cluster's nodes, refuses it naming file, record and node; no run directory."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    rec = _image_record(world)
+    noise = (np.random.default_rng(0).random((rec["height"], rec["width"], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=95)
+    (world["root"] / rec["file_name"]).write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    suite = write_suite(world, world["suite"])
+    assert main(["data", "check", str(world["ann"]), "--images", str(world["root"])]) == 0  # header: passes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(DETBENCH + ["run", str(suite), "--out", str(world["tmp"] / "runs"), "--check-images",
+                                     "decode", "--quiet"], capture_output=True, text=True, timeout=hang_guard(24),
+                         env=env)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert rec["file_name"] in lines[0] and f"image id={rec['id']}" in lines[0] and "on node" in lines[0], lines[0]
+    assert not (world["tmp"] / "runs").exists()
+
+
 # --------------------------------------------------------------------------- real-scale recipes
 def _resnet18_file(world, state=None) -> Path:
     import torch

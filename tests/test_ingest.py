@@ -21,6 +21,7 @@ from harness.data import (CocoDetection, DegradedTwins, PreparedCondition, cache
                           write_synthetic_visdrone)
 from harness.engine import images_to_device, training_images
 from harness.plan import load_suite
+from runkit import hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,18 @@ def test_saved_index_gives_the_same_targets_as_the_annotation_file(tmp_path, syn
     vis = write_synthetic_visdrone(tmp_path / "vis", n_images=4, seed=2)
     from harness.data import convert_visdrone
     vis_json = convert_visdrone(vis, tmp_path / "vis.json")
-    for a, r in ((ann, root), synthetic, (vis_json, vis / "images")):
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for stem, objs in {"a": [("bus", (5, 6, 55, 46), 1)], "b": [("car", (1, 1, 10, 20), 0), ("bus", (11, 21, 40, 50), 0)]}.items():
+        Image.new("RGB", (120, 80), (90, 90, 90)).save(voc / "JPEGImages" / f"{stem}.jpg")
+        (voc / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename>" + "".join(
+                f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objs) + "</annotation>")
+    from harness.data.voc import write_voc_as_coco
+    voc_json = write_voc_as_coco(voc / "Annotations", voc / "JPEGImages", tmp_path / "voc.json")
+    for a, r in ((ann, root), synthetic, (vis_json, vis / "images"), (voc_json, voc / "JPEGImages")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             parsed = load_coco(a, r)
@@ -189,7 +201,7 @@ def _equal(a, b):
     return a == b
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(hang_guard(8))
 def test_loader_workers_give_the_same_batches(synthetic):
     """Same seed, 0 or 2 loader processes (persistent across epochs): identical batches, with
     per-epoch flips and FCTL's on-the-fly degraded twins drawn inside the workers."""
@@ -268,7 +280,7 @@ def test_truncated_jpeg_found_by_decode_check_and_named_in_a_worker(tmp_path):
 def test_cli_decode_check_exits_2_naming_the_image(tmp_path):
     ann, root, im = _truncated_jpeg_set(tmp_path)
     run = subprocess.run([sys.executable, "-m", "harness.app.cli", "data", "check", str(ann), "--images", str(root),
-                          "--check-images", "decode"], capture_output=True, text=True, timeout=120)
+                          "--check-images", "decode"], capture_output=True, text=True, timeout=hang_guard(5))
     assert run.returncode == 2 and im["file_name"] in run.stderr, run.stderr
 
 
@@ -294,7 +306,7 @@ def _stages():
     return [(name, stage) for name in sorted(METHODS.names()) for stage in METHODS.get(name).stage_names()]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(hang_guard(8))
 @pytest.mark.parametrize("name,stage", _stages())
 def test_every_training_set_is_independent_of_loader_workers(tmp_path, synthetic, name, stage):
     """What a method's stage trains on (FCTL's twins, SoCo's views, ...) is built inside the loader

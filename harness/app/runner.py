@@ -37,8 +37,8 @@ from harness.data import PreparedCondition, PreparedDataset, load_split, prepare
 from harness.plan import Cell, RunInfo, eval_cells, load_suite, plan_cells
 from harness.results import DRIVER_FILE, RUN_FILE, ResultStore, load_run, open_run, run_settings
 from harness.storage import Storage, open_storage
-from harness.sweep import (RAY_MESSAGES, SweepProgress, check_fits, check_loggers, cluster_nodes, init_ray,
-                           ray_session, record_unfinished, run_sweep)
+from harness.sweep import (RAY_MESSAGES, SweepProgress, check_fits, check_loggers, cluster_nodes,
+                           decode_check_on_cluster, init_ray, ray_session, record_unfinished, run_sweep)
 
 log = logging.getLogger(__name__)
 PACKAGES = ("detbench", "torch", "torchvision", "ray", "optuna", "faster-coco-eval", "pycocotools",
@@ -147,7 +147,9 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     if name and out.child(name).exists(RUN_FILE):
         print(f"detbench: {out.child(name).display()} exists: resuming it")
         return resume_run(out.child(name), address=address, progress=progress, retry_failed=retry_failed)
-    checked = prepare_suite(suite_path, progress=progress, check_images=check_images)
+    # decode: the header check here, the full decode as Ray tasks on the cluster once it is up
+    checked = prepare_suite(suite_path, progress=progress,
+                            check_images="header" if check_images == "decode" else check_images)
     suite, cells = checked.suite, checked.cells
     if checkpoint:
         cells = eval_cells(cells, checked.path, checkpoint, method,
@@ -156,6 +158,9 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     init_ray(address)
     nodes = cluster_nodes()
     concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
+    if check_images == "decode":  # before the run directory exists: a bad image leaves nothing behind
+        decode_check_on_cluster([(getattr(d, f"{s}_index"), getattr(d, f"{s}_annotations"), getattr(d, f"{s}_images"))
+                                 for d in checked.datasets.values() for s in ("train", "val")], progress=progress)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     storage = out.child(name or f"{'eval-' if checkpoint else ''}{suite.name}-{stamp}")

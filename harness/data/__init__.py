@@ -1,7 +1,7 @@
 """Datasets as users have them (COCO, VisDrone, VOC, generated shapes), degraded test sets
 (corruptions, conditions, the render cache, FCTL's twins) and the loaders a worker trains from."""
 from harness.data.coco import (CHECK_LEVELS, CocoDetection, CocoIndex, ImageInfo, SharedEpoch, cached_index,
-                               check_coco, collate_detection, hflip_boxes, image_to_float, load_coco, load_rgb,
+                               check_coco, check_image_files, collate_detection, hflip_boxes, image_to_float, load_coco, load_rgb,
                                open_index, read_image, save_index)
 from harness.data.conditions import CLEAN, Condition, expand_conditions
 from harness.data.corruptions import BENCHMARK, CORRUPTIONS, FAMILIES, FAMILY, GROUPS, SEVERITIES, corrupt, image_seed
@@ -13,7 +13,7 @@ from harness.data.twins import DegradedTwins, twin_conditions
 from harness.data.visdrone import CATEGORIES as VISDRONE_CATEGORIES
 from harness.data.visdrone import convert_visdrone, visdrone_to_coco
 
-__all__ = ["CHECK_LEVELS", "CocoDetection", "CocoIndex", "ImageInfo", "SharedEpoch", "cached_index", "check_coco",
+__all__ = ["CHECK_LEVELS", "CocoDetection", "CocoIndex", "ImageInfo", "SharedEpoch", "cached_index", "check_coco", "check_image_files",
            "collate_detection", "hflip_boxes", "image_to_float", "load_coco", "load_rgb", "open_index", "read_image",
            "save_index", "split_index", "CLEAN",
            "Condition", "expand_conditions", "BENCHMARK", "CORRUPTIONS", "FAMILIES", "FAMILY", "GROUPS", "SEVERITIES",

@@ -573,16 +573,16 @@ def _image_problem(index: CocoIndex, i: int, level: str, linked_dirs: set) -> Da
     return None
 
 
-def _linked_dirs(index: CocoIndex) -> set:
+def _linked_dirs(index: CocoIndex, items: range) -> set:
     """Folders of the images that are (or lie under) links inside the image root: checked once
     per folder, not once per image."""
     root = index.image_root
-    folders = {index.image_path(i).parent for i in range(len(index))}
+    folders = {index.image_path(i).parent for i in items}
     return {d for d in folders if any(p.is_symlink() for p in (d, *d.parents) if p != root and root in p.parents)}
 
 
 def check_image_files(index: CocoIndex, *, level: str = "header", progress: bool = False,
-                      workers: int | None = None) -> float:
+                      workers: int | None = None, items: range | None = None) -> float:
     """Every image of ``index``: present, inside the image folder, readable at ``level``
     (:data:`CHECK_LEVELS`) and of the size its record says.
 
@@ -590,6 +590,7 @@ def check_image_files(index: CocoIndex, *, level: str = "header", progress: bool
     runs a suite call it, so a zero-byte or undecodable image is refused before any
     run directory exists. One ``lstat`` and one read per image, from a thread pool (the work
     is I/O, and decoding releases the GIL); the first problem in file order is raised.
+    ``items``: only these images (a chunk of a check spread over a cluster).
     Returns the seconds it took.
     """
     import time
@@ -603,12 +604,13 @@ def check_image_files(index: CocoIndex, *, level: str = "header", progress: bool
         return 0.0
     if not index.image_root.is_dir():
         raise _err(f"image root {index.image_root} is not a directory", index.ann_file)
-    linked = _linked_dirs(index)
+    items = range(len(index)) if items is None else items
+    linked = _linked_dirs(index, items)
     pool = ThreadPoolExecutor(max_workers=workers or (16 if level == "header" else os.cpu_count() or 1))
     try:
-        problems = pool.map(lambda i: _image_problem(index, i, level, linked), range(len(index)), chunksize=256)
-        for problem in tqdm(problems, total=len(index), desc=f"checking {index.ann_file.name}", unit="img",
-                            disable=not progress or len(index) < 2000, leave=False):
+        problems = pool.map(lambda i: _image_problem(index, i, level, linked), items, chunksize=256)
+        for problem in tqdm(problems, total=len(items), desc=f"checking {index.ann_file.name}", unit="img",
+                            disable=not progress or len(items) < 2000, leave=False):
             if problem is not None:
                 raise problem
     finally:

@@ -26,7 +26,8 @@ def stage_job(cell: Cell, stage: str, artifacts: dict[str, str] | None = None, *
                     schedule=method.stage_schedule(stage, cell.schedule), seed=cell.seed,
                     artifacts={k: Path(v) for k, v in (artifacts or {}).items()},
                     conditions=list(cell.conditions), checkpoint=cell.checkpoint,
-                    checkpoint_classes=list(cell.checkpoint_classes) if cell.checkpoint_classes else None)
+                    checkpoint_classes=list(cell.checkpoint_classes) if cell.checkpoint_classes else None,
+                    loader_workers=cell.schedule.loader_workers or 0)  # None: a Ray worker sizes it to its CPUs
 
 
 def stage_artifact_key(cell: Cell, stage: str) -> str:

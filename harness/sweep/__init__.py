@@ -13,6 +13,7 @@ import importlib
 #: name -> the module of this package that defines it.
 _EXPORTS = {
     "TRIAL_CPU": "job", "WorkerJob": "job", "node_id": "job",
+    "decode_check_on_cluster": "images",
     "check_loggers": "loggers", "logger_callbacks": "loggers",
     "SweepProgress": "progress",
     "sampled_params": "space", "trial_cell": "space", "trial_config": "space", "tune_space": "space",
