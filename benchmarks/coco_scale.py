@@ -24,7 +24,6 @@ Layout under ``<root>/coco-sized-<images>-<annotations>-<seed>/``::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -34,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from harness.core import file_lock
 
 COCO_TRAIN2017 = dict(images=118_287, annotations=860_001, categories=80)
 
@@ -112,7 +113,7 @@ def ensure_coco_sized(root: Path | None = None, *, images: int = COCO_TRAIN2017[
     if (d / MARKER).is_file():
         return ann, img_dir
     d.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(d.parent / f".{d.name}.lock"):
+    with file_lock(d.parent / f".{d.name}.lock"):
         if (d / MARKER).is_file():  # another process finished it while we waited
             return ann, img_dir
         if d.exists():  # an interrupted generation: start over
@@ -126,17 +127,6 @@ def ensure_coco_sized(root: Path | None = None, *, images: int = COCO_TRAIN2017[
               f"{stats['annotations']:,} annotations, JSON {stats['json_bytes'] / 1e6:.0f} MB, "
               f"disk {stats['disk_bytes'] / 1e6:.0f} MB ({stats['image_files']})", flush=True)
     return ann, img_dir
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    import fcntl
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -322,3 +322,19 @@ def test_every_training_set_is_independent_of_loader_workers(tmp_path, synthetic
     runs = [_batches(plugin.train_dataset(stage, ctx, training_images(index, ScheduleSpec(augment=["hflip"]), seed=4)),
                      workers, epochs=2) for workers in (0, 2)]
     assert _equal(*runs)
+
+
+def test_rendered_twins_are_flipped_with_their_clean_image(tmp_path, synthetic):
+    """Twins read from the render cache share the clean image's flip (the rendered file is not flipped)."""
+    ann, root = synthetic
+    index = load_coco(ann, root)
+    flipping = training_images(index, ScheduleSpec(augment=["hflip"]), seed=3)
+    twins = DegradedTwins(flipping, ["fog@2"], cache_dir=tmp_path / "render", seed=3)
+    rendered = DegradedTwins(CocoDetection(index), ["fog@2"], cache_dir=tmp_path / "render", seed=3)
+    assert {flipping.flipped(i) for i in range(len(index))} == {True, False}
+    for i in range(len(index)):
+        clean, degraded, _ = twins[i]
+        plain_clean, plain_degraded, _ = rendered[i]
+        flip = flipping.flipped(i)
+        assert torch.equal(clean, plain_clean.flip(-1) if flip else plain_clean)
+        assert torch.equal(degraded, plain_degraded.flip(-1) if flip else plain_degraded)
