@@ -121,7 +121,8 @@ def _loader(workers: int, twins: bool = False):
         torch.set_num_threads(1)
         dataset = CocoDetection(load_coco(*_photo_set()))
         if twins:  # FCTL's corrective stage: each image with a degraded twin rendered on the fly
-            dataset = _Pairs(DegradedTwins(dataset, ["fog@3", "gaussian_noise@3", "clean"], seed=0))
+            from methods.fctl import TwinPairs
+            dataset = TwinPairs(DegradedTwins(dataset, ["fog@3", "gaussian_noise@3", "clean"], seed=0))
         for _ in train_loader(dataset, 2, seed=0, num_workers=0):  # warm: page cache, decoder set-up
             pass
         t0 = time.perf_counter()
@@ -140,23 +141,6 @@ def _loader(workers: int, twins: bool = False):
         return {"images": n, "step_ms": round(step_s * 1e3, 2),
                 "images_per_s": round(n / (time.perf_counter() - t0), 1)}
     return run
-
-
-class _Pairs:
-    """FCTL's ``TwinPairs``: ``(clean, degraded, target)`` as ``((clean, degraded), target)``."""
-
-    def __init__(self, twins):
-        self.twins = twins
-
-    def set_epoch(self, epoch: int) -> None:
-        self.twins.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.twins)
-
-    def __getitem__(self, i: int):
-        clean, degraded, target = self.twins[i]
-        return (clean, degraded), target
 
 
 # variant name -> function run in a fresh subprocess; labels for the printout

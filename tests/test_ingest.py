@@ -208,23 +208,10 @@ def test_loader_workers_give_the_same_batches(synthetic):
     ann, root = synthetic
     index = load_coco(ann, root)
 
-    class Pairs(torch.utils.data.Dataset):  # (clean, degraded) inputs, as FCTL's TwinPairs
-        def __init__(self):
-            self.twins = DegradedTwins(training_images(index, ScheduleSpec(augment=["hflip"]), seed=2),
-                                       ["fog@2", "dark@3", "clean"], seed=2)
-
-        def set_epoch(self, epoch):
-            self.twins.set_epoch(epoch)
-
-        def __len__(self):
-            return len(self.twins)
-
-        def __getitem__(self, i):
-            clean, degraded, target = self.twins[i]
-            return (clean, degraded), target
-
-    def dataset():
-        return Pairs()
+    def dataset():  # (clean, degraded) inputs with per-epoch flips, as FCTL's corrective stage trains
+        from methods.fctl import TwinPairs
+        return TwinPairs(DegradedTwins(training_images(index, ScheduleSpec(augment=["hflip"]), seed=2),
+                                       ["fog@2", "dark@3", "clean"], seed=2))
 
     inline, workers = _batches(dataset(), 0), _batches(dataset(), 2)
     assert len(inline) == len(workers) == 2 * (len(index) // 3)
