@@ -13,7 +13,6 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,7 +62,7 @@ def bench_overhead(tmp: Path, loader_workers: int = 0, setup=SMALL) -> None:
     steps = images // batch
 
     torch.set_num_threads(1)
-    plain, _ = run_stage(replace(stage_job(cell, "train"), loader_workers=loader_workers), device=torch.device("cpu"))
+    plain, _ = run_stage(stage_job(cell, "train"), device=torch.device("cpu"))
     t_plain = _per_step(plain.history, steps, with_report=False)
 
     init_ray(None)

@@ -65,7 +65,6 @@ def _index_build(ann: Path, images: Path) -> dict:
 def _index_open(ann: Path, images: Path) -> dict:
     """A rank: open the saved index (memory-mapped) and build every training target once (an epoch's
     worth of index reads): its RSS growth is the per-rank annotation memory."""
-    from harness.data import load_split, prepare_dataset  # noqa: F401  (the rank's own imports)
     from harness.data.coco import open_index
     folder = next((_index_dir() / "index").iterdir())
     t0 = time.perf_counter()

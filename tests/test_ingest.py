@@ -272,11 +272,9 @@ def test_cli_decode_check_exits_2_naming_the_image(tmp_path):
 
 
 def test_more_loader_workers_than_cpus_is_refused(tmp_path):
-    text = (ROOT / "suites" / "smoke.yaml").read_text()
-    suite = tmp_path / "s.yaml"
-    suite.write_text(text + "\n" if "loader_workers" in text else text)
     import yaml
-    data = yaml.safe_load(text)
+    suite = tmp_path / "s.yaml"
+    data = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())
     data.setdefault("schedule", {})["loader_workers"] = 3
     data.setdefault("resources", {})["cpus_per_worker"] = 2
     suite.write_text(yaml.safe_dump(data))

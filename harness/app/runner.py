@@ -159,8 +159,8 @@ def run_suite(suite_path: str | Path, *, address: str | None = None, out_dir: st
     nodes = cluster_nodes()
     concurrency = fit_or_refuse(suite.resources, nodes, checked.path)
     if check_images == "decode":  # before the run directory exists: a bad image leaves nothing behind
-        decode_check_on_cluster([(getattr(d, f"{s}_index"), getattr(d, f"{s}_annotations"), getattr(d, f"{s}_images"))
-                                 for d in checked.datasets.values() for s in ("train", "val")], progress=progress)
+        decode_check_on_cluster([d.split(s) for d in checked.datasets.values() for s in ("train", "val")],
+                                progress=progress)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     storage = out.child(name or f"{'eval-' if checkpoint else ''}{suite.name}-{stamp}")

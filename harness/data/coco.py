@@ -194,7 +194,7 @@ def cached_index(ann_file, image_root, cache_dir) -> tuple[CocoIndex, Path]:
     folder = Path(cache_dir) / "index" / f"{sha256_file(ann_file)[:24]}-v{INDEX_VERSION}"
     if (folder / "meta.json").is_file():
         return open_index(folder, image_root, ann_file), folder
-    index = load_coco(ann_file, image_root)
+    index = load_coco(ann_file, image_root, check_images=False)  # the images: check_image_files
     save_index(index, folder)
     return open_index(folder, image_root, ann_file), folder
 
@@ -218,6 +218,11 @@ def link_problem(root: Path, path: Path) -> str | None:
     return None
 
 
+def linked_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` or a folder between it and ``root`` is a symbolic link (``root`` itself may be one)."""
+    return any(p.is_symlink() for p in (path, *path.parents) if p != root and root in p.parents)
+
+
 def outside_root(root: Path, name: str) -> str | None:
     """Why image ``name`` is not a file of the image folder ``root`` (``None`` when it is one).
 
@@ -230,9 +235,7 @@ def outside_root(root: Path, name: str) -> str | None:
     if why:
         return why
     path = root / name
-    if path.is_symlink() or any(p.is_symlink() for p in path.parents if p != root and root in p.parents):
-        return link_problem(root, path)
-    return None
+    return link_problem(root, path) if linked_inside(root, path) else None
 
 
 def _read_json(ann_file: Path) -> dict:
@@ -484,6 +487,11 @@ class CocoDetection(torch.utils.data.Dataset):
     def image_path(self, i: int) -> Path:
         return self.index.image_path(self.image_index(i))
 
+    def aspect_ratios(self) -> np.ndarray:
+        """Width / height of every item (aspect-ratio grouping)."""
+        ratios = self.index.aspect_ratios()
+        return ratios if self.items is None else ratios[self.items]
+
     def flipped(self, i: int) -> bool:
         if self.flip_seed is None:
             return False
@@ -493,7 +501,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         k = self.image_index(i)
         info = self.index.images[k]
-        path = self.index.image_path(k)
+        path = self.index.image_root / info.file_name
         try:
             image = read_image(path)
         except (OSError, ValueError, RuntimeError) as e:
@@ -569,8 +577,7 @@ def _linked_dirs(index: CocoIndex, items: range) -> set:
     """Folders of the images that are (or lie under) links inside the image root: checked once
     per folder, not once per image."""
     root = index.image_root
-    folders = {index.image_path(i).parent for i in items}
-    return {d for d in folders if any(p.is_symlink() for p in (d, *d.parents) if p != root and root in p.parents)}
+    return {d for d in {index.image_path(i).parent for i in items} if linked_inside(root, d)}
 
 
 def check_image_files(index: CocoIndex, *, level: str = "header", progress: bool = False,

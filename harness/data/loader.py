@@ -37,6 +37,12 @@ class PreparedDataset:
     train_index: str = ""   # the compact index of each split (harness.data.coco.save_index); "": none
     val_index: str = ""
 
+    def split(self, split: str) -> tuple[str, str, str]:
+        """``(index folder, annotation file, image folder)`` of ``split`` ("train" or "val")."""
+        if split == "train":
+            return self.train_index, self.train_annotations, self.train_images
+        return self.val_index, self.val_annotations, self.val_images
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -98,7 +104,7 @@ def prepare_dataset(spec: DatasetSpec, cache_dir: Path, *, check: bool = True, c
         prepared = dataclasses.replace(prepared, repeat=spec.repeat)
     indexes = {}
     for split in ("train", "val"):  # validated and indexed once, memory-mapped by every rank and loader worker
-        ann, images = getattr(prepared, f"{split}_annotations"), getattr(prepared, f"{split}_images")
+        _, ann, images = prepared.split(split)
         indexes[split], folder = cached_index(ann, images, cache_dir)
         prepared = dataclasses.replace(prepared, **{f"{split}_index": str(folder)})
     if check:
@@ -149,13 +155,13 @@ def split_index(folder: str, annotations: str, images: str, *, check_images: boo
     return cached_index(annotations, images, node_cache_dir())[0]
 
 
-def _worker_options(num_workers: int, pin_memory: bool) -> dict:
-    """DataLoader options for ``num_workers`` loader processes: kept alive across epochs (the
-    epoch reaches them through :class:`~harness.data.coco.SharedEpoch`), two batches ahead each;
+def _worker_options(num_workers: int, pin_memory: bool, *, persistent: bool = True) -> dict:
+    """DataLoader options for ``num_workers`` loader processes, two batches ahead each; ``persistent``:
+    kept alive across epochs (the epoch reaches them through :class:`~harness.data.coco.SharedEpoch`);
     ``pin_memory`` for asynchronous host-to-GPU copies."""
     opts = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
-        opts.update(persistent_workers=True, prefetch_factor=2)
+        opts.update(persistent_workers=persistent, prefetch_factor=2)
     return opts
 
 
@@ -196,8 +202,7 @@ def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank:
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Every image exactly once over all ranks (strided shards, no padding duplicates)."""
     dataset = torch.utils.data.Subset(CocoDetection(index), range(rank, len(index), world_size))
-    opts = _worker_options(num_workers, pin_memory)
-    opts.pop("persistent_workers", None)  # one pass per evaluation: workers end with it
+    opts = _worker_options(num_workers, pin_memory, persistent=False)  # one pass per evaluation
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection, **opts)
 
 

@@ -460,9 +460,7 @@ def run_stage(job: StageJob, *, device: torch.device, world_size: int = 1, rank:
     train_index = load_split(job.dataset, "train", check_images=False)
     detection_set = training_images(train_index, s, seed=job.seed)
     dataset = RepeatedDataset(job.method.train_dataset(job.stage, ctx, detection_set), job.dataset.repeat)
-    loader = grouped_loader(dataset, train_index.aspect_ratios()[detection_set.items]
-                            if detection_set.items is not None else train_index.aspect_ratios(),
-                            max(1, s.batch_size // world_size), s, seed=job.seed, world_size=world_size, rank=rank,
+    loader = grouped_loader(dataset, detection_set.aspect_ratios(), max(1, s.batch_size // world_size), s, seed=job.seed, world_size=world_size, rank=rank,
                             num_workers=job.loader_workers, pin_memory=device.type == "cuda")
     ctx.steps_per_epoch = len(loader)
     trained = wrap(model) if wrap else model

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.engine import StageJob
+from harness.engine import StageJob, loader_workers
 from harness.plan.records import Cell
 from harness.storage import artifact_key
 
 
 def stage_job(cell: Cell, stage: str, artifacts: dict[str, str] | None = None, *,
-              detections=None) -> StageJob:
+              detections=None, cpus: int = 1) -> StageJob:
     """What a worker needs to run ``stage`` of ``cell``: the stage's detector and schedule resolved.
 
     ``artifacts``: earlier stage -> its detector file on this node; ``detections``: the Storage
-    where the final evaluations' detections go (None: not kept).
+    where the final evaluations' detections go (None: not kept); ``cpus``: the worker's CPUs (the
+    default number of loader workers is one less).
     """
     method = cell.plugin
+    schedule = method.stage_schedule(stage, cell.schedule)
     return StageJob(method=method, stage=stage, dataset=cell.dataset, detections=detections,
                     detector=method.stage_detector(stage, cell.detector), arch=cell.arch,
-                    schedule=method.stage_schedule(stage, cell.schedule), seed=cell.seed,
+                    schedule=schedule, seed=cell.seed,
                     artifacts={k: Path(v) for k, v in (artifacts or {}).items()},
                     conditions=list(cell.conditions), checkpoint=cell.checkpoint,
                     checkpoint_classes=list(cell.checkpoint_classes) if cell.checkpoint_classes else None,
-                    loader_workers=cell.schedule.loader_workers or 0)  # None: a Ray worker sizes it to its CPUs
+                    loader_workers=loader_workers(schedule, cpus))
 
 
 def stage_artifact_key(cell: Cell, stage: str) -> str:

@@ -19,7 +19,6 @@ stage the trial no longer runs (its artifact was committed meanwhile) is not res
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from harness.engine import NonFiniteLoss, StageState, loader_workers, run_stage
+from harness.engine import NonFiniteLoss, StageState, run_stage
 from harness.evaluate import detections_prefix
 from harness.plan import Cell, StageOutput, stage_job
 from harness.storage import ArtifactStore
@@ -106,8 +105,8 @@ def train_worker(config: dict) -> dict[str, StageOutput]:
             continue
         started = time.time()
         stage_run = stage_job(cell, stage, {s: artifact_file(store, s, k) for s, k in keys.items()},
-                              detections=run.storage(detections_prefix(job.trial_id, stage)) if run else None)
-        stage_run = dataclasses.replace(stage_run, loader_workers=loader_workers(stage_run.schedule, job.threads))
+                              detections=run.storage(detections_prefix(job.trial_id, stage)) if run else None,
+                              cpus=job.threads)
         resume = back.stage == stage
         out, model = _train(stage_run, device, rank, world, back.state if resume else None,
                             back.model_state if resume else None, back.resumes, outputs,
