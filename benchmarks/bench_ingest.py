@@ -202,7 +202,7 @@ def main() -> None:
     for kind in ("loader", "twins"):
         if rates.get(f"{kind}_0") and rates.get(f"{kind}_1"):
             print(f"  {kind} throughput 1 worker / 0 workers: {rates[f'{kind}_1'] / rates[f'{kind}_0']:.2f}x "
-                  f"(target >= 1.6; ideal 2; a worker's batch costs ~3 ms of shared-memory transfer)", flush=True)
+                  f"(target >= 1.6; ideal 2)", flush=True)
 
 
 if __name__ == "__main__":

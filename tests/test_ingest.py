@@ -193,7 +193,8 @@ def _batches(dataset, workers, epochs=2):
 
 def _equal(a, b):
     if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b) \
+            and (a.numel() == 0 or a.stride() == b.stride())
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -217,6 +218,47 @@ def test_loader_workers_give_the_same_batches(synthetic):
     assert len(inline) == len(workers) == 2 * (len(index) // 3)
     assert _equal(inline, workers)
     assert not _equal(inline[:len(inline) // 2], inline[len(inline) // 2:])  # epochs differ
+
+
+@pytest.mark.timeout(hang_guard(8))
+def test_loader_workers_reuse_their_shared_buffers(synthetic, monkeypatch):
+    """Batches cross from the loader workers in a few shared buffers kept for the whole run (one
+    descriptor per buffer, not one fresh segment per tensor); an epoch left early hands its
+    buffers back, and batches held by the training loop are never overwritten."""
+    from harness.data import transfer
+    received = {"batches": 0, "buffers": 0, "used_once": 0}
+    receive = transfer.PackingCollate.receive
+
+    def counting(self, packed):
+        received["batches"] += 1
+        received["buffers"] += packed.buffer is not None
+        received["used_once"] += packed.slot is None
+        return receive(self, packed)
+    monkeypatch.setattr(transfer.PackingCollate, "receive", counting)
+    ann, root = synthetic
+    dataset = training_images(load_coco(ann, root), ScheduleSpec(augment=["hflip"]), seed=2)
+    loader = train_loader(dataset, 2, seed=11, num_workers=2)
+    for epoch in range(4):
+        set_loader_epoch(loader, epoch)
+        if epoch == 0:
+            next(iter(loader))  # left early: its batches ahead are dropped unread
+            continue
+        held = list(loader)
+        inline = train_loader(dataset, 2, seed=11, num_workers=0)
+        set_loader_epoch(inline, epoch)
+        assert _equal(held, list(inline)), epoch
+    assert received["used_once"] == 0
+    assert received["buffers"] <= 2 * loader.collate_fn.slots < received["batches"] / 4, received
+
+
+def test_a_stale_lease_frees_no_buffer():
+    from harness.data.transfer import PackingCollate
+    pool = PackingCollate(list, num_workers=1, slots=2)
+    pool.leases[1] = 77
+    pool.release(0, 1, 76)  # a batch of a replaced worker handed back late
+    assert pool.leases[1] == 77
+    pool.release(0, 1, 77)
+    assert pool.leases[1] == 0
 
 
 def test_images_reach_the_device_as_float():
@@ -257,8 +299,7 @@ def test_truncated_jpeg_found_by_decode_check_and_named_in_a_worker(tmp_path):
     with pytest.raises(DataError) as e:
         check_coco(ann, root, level="decode")
     assert im["file_name"] in str(e.value) and f"image id={im['id']}" in str(e.value)
-    loader = torch.utils.data.DataLoader(CocoDetection(load_coco(ann, root)), batch_size=1, num_workers=1,
-                                         collate_fn=lambda b: b)
+    loader = train_loader(CocoDetection(load_coco(ann, root)), 1, seed=0, num_workers=1)
     with pytest.raises(DataError) as e:  # in a loader worker: the file and record named, not a hang
         list(loader)
     assert im["file_name"] in str(e.value) and f"image id={im['id']}" in str(e.value)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from harness.config import DatasetSpec
 from harness.data.coco import (CocoDetection, CocoIndex, cached_index, check_image_files, collate_detection,
                                load_coco, open_index)
+from harness.data.transfer import DetectionLoader
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +156,11 @@ def split_index(folder: str, annotations: str, images: str, *, check_images: boo
     return cached_index(annotations, images, node_cache_dir())[0]
 
 
-def _worker_options(num_workers: int, pin_memory: bool, *, persistent: bool = True) -> dict:
+def _loader_options(num_workers: int, pin_memory: bool, *, persistent: bool = True) -> dict:
     """DataLoader options for ``num_workers`` loader processes, two batches ahead each; ``persistent``:
     kept alive across epochs (the epoch reaches them through :class:`~harness.data.coco.SharedEpoch`);
     ``pin_memory`` for asynchronous host-to-GPU copies."""
-    opts = {"num_workers": num_workers, "pin_memory": pin_memory}
+    opts = {"num_workers": num_workers, "pin_memory": pin_memory, "collate_fn": collate_detection}
     if num_workers > 0:
         opts.update(persistent_workers=persistent, prefetch_factor=2)
     return opts
@@ -178,15 +179,14 @@ def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, seed: in
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
-    opts = _worker_options(num_workers, pin_memory)
+    opts = _loader_options(num_workers, pin_memory)
     if aspect_ratios is not None and group_factor is not None:
         from harness.data.samplers import GroupedBatchSampler, aspect_ratio_groups
         batches = GroupedBatchSampler(sampler, aspect_ratio_groups(aspect_ratios, group_factor), batch_size)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
-                          generator=torch.Generator().manual_seed(seed), **opts)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_detection,
-                      drop_last=len(dataset) > batch_size * world_size,
-                      generator=torch.Generator().manual_seed(seed), **opts)
+        return DetectionLoader(dataset, batch_sampler=batches, generator=torch.Generator().manual_seed(seed), **opts)
+    return DetectionLoader(dataset, batch_size=batch_size, sampler=sampler,
+                           drop_last=len(dataset) > batch_size * world_size,
+                           generator=torch.Generator().manual_seed(seed), **opts)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -202,8 +202,8 @@ def eval_loader(index: CocoIndex, batch_size: int, *, world_size: int = 1, rank:
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Every image exactly once over all ranks (strided shards, no padding duplicates)."""
     dataset = torch.utils.data.Subset(CocoDetection(index), range(rank, len(index), world_size))
-    opts = _worker_options(num_workers, pin_memory, persistent=False)  # one pass per evaluation
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection, **opts)
+    opts = _loader_options(num_workers, pin_memory, persistent=False)  # one pass per evaluation
+    return DetectionLoader(dataset, batch_size=batch_size, shuffle=False, **opts)
 
 
 def prepare_conditions(items: list, prepared: PreparedDataset, cache_dir: Path, *, seed: int = 0,
