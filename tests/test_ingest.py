@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -145,6 +146,54 @@ def test_index_is_keyed_by_content_and_rebuilt_when_the_file_changes(tmp_path):
     os.utime(ann, ns=(0, ann.stat().st_mtime_ns))  # even with an old mtime: the content decides
     changed, other = cached_index(ann, root, tmp_path / "cache")
     assert other != folder and changed.target(0)["boxes"][0].tolist() == [2.0, 2.0, 6.0, 6.0]
+
+
+@pytest.mark.timeout(hang_guard(10))
+def test_an_index_build_killed_midway_is_never_opened_and_is_rebuilt(tmp_path, synthetic):
+    """SIGKILL while the driver saves an index (after some arrays are written): no index folder
+    appears, the next run builds it again, and the dead build's files are removed."""
+    ann, root = synthetic
+    script = f"""
+import os, signal, numpy as np
+from harness.data import coco
+written = []
+def save(path, array):
+    written.append(path)
+    np.lib.format.write_array(open(path, "wb"), array)
+    if len(written) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+coco.np.save = save
+coco.cached_index({str(ann)!r}, {str(root)!r}, {str(tmp_path)!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=hang_guard(10))
+    assert done.returncode == -9, done.stderr
+    left = list((tmp_path / "index").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".") and not (left[0] / "meta.json").exists(), left
+    index, folder = cached_index(ann, root, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [folder.name]
+    _same_targets(index, load_coco(ann, root))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1) for a private mount")
+@pytest.mark.timeout(hang_guard(10))
+def test_a_node_without_the_driver_cache_builds_the_index_into_its_own(tmp_path, synthetic):
+    """A node that cannot see the driver's data cache (here: hidden by a tmpfs in a private mount
+    namespace) builds the index from the annotation file into its own DETBENCH_CACHE."""
+    ann, root = synthetic
+    driver, node = tmp_path / "driver-cache", tmp_path / "node-cache"
+    _, folder = cached_index(ann, root, driver)
+    script = (f"from harness.data.loader import split_index; import os; "
+              f"assert not os.path.exists({str(folder)!r}); "
+              f"print(len(split_index({str(folder)!r}, {str(ann)!r}, {str(root)!r})))")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs none "{driver}" && exec "$0" -c "$1"',
+                           sys.executable, script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, DETBENCH_CACHE=str(node)), timeout=hang_guard(10))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(len(load_coco(ann, root)))
+    built = node / "index" / folder.name
+    assert (built / "meta.json").is_file() and (folder / "meta.json").is_file()
+    _same_targets(open_index(built, root, ann), load_coco(ann, root))
 
 
 def test_drop_empty_follows_torchvision_references(tmp_path):

@@ -145,10 +145,16 @@ def save_index(index: CocoIndex, folder: Path) -> Path:
     """Write ``index`` to ``folder`` (arrays + ``meta.json``), atomically: a half-written index
     is never opened (the folder appears by rename once complete)."""
     import shutil
+    import socket
     import tempfile
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    host = socket.gethostname()
+    for stale in folder.parent.glob(f".{folder.name}.{host}.*"):  # left by a build killed on this host
+        pid = stale.name.split(".")[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{host}.{os.getpid()}.", dir=folder.parent))
     try:
         for name in INDEX_ARRAYS:
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(index.arrays[name]))
@@ -165,6 +171,16 @@ def save_index(index: CocoIndex, folder: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_index(folder: Path, image_root, ann_file=None) -> CocoIndex:
