@@ -236,3 +236,63 @@ def test_status_then_retry_failed_reruns_only_the_failed_cell(micro_run):
     assert len(new) == 1 and len(after) == 3                                # one set of rows per cell
     assert {p.stem for p in (run_dir / "rows-retired").glob("*.parquet")} == old_failed
     assert run_status(run_dir)["counts"] == {"done": 2, "failed": 1}        # NaN again: deterministic
+
+
+@pytest.mark.timeout(hang_guard(20))
+def test_the_sweep_reaper_frees_the_placement_group_of_a_killed_train_controller(ray_local):
+    """A Train controller that dies with its trial (ASHA stop, lost node) leaves a reserved
+    placement group; the driver's reaper removes it. One that is alive, or that ended and
+    was forgotten, keeps its own."""
+    import time
+
+    ray = ray_local
+    from harness.sweep.reaper import PING_EVERY_S, start_reaper
+
+    reaper = start_reaper()
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start(self, reaper):
+            self.group = ray.util.placement_group([{"CPU": 0.5}])
+            ray.get(self.group.ready())
+            ctx = ray.get_runtime_context()
+            ray.get(reaper.watch.remote(ctx.get_actor_id(), ctx.current_actor, self.group))
+            return ctx.get_actor_id(), self.group
+
+    def state(group):
+        return ray.util.placement_group_table(group).get("state")
+
+    killed, alive = Controller.remote(), Controller.remote()
+    killed_id, killed_group = ray.get(killed.start.remote(reaper))
+    alive_id, alive_group = ray.get(alive.start.remote(reaper))
+    ray.kill(killed)
+    deadline = time.time() + hang_guard(3)
+    while state(killed_group) != "REMOVED" and time.time() < deadline:
+        time.sleep(0.2)
+    assert state(killed_group) == "REMOVED"
+    time.sleep(3 * PING_EVERY_S)
+    assert state(alive_group) == "CREATED" and ray.get(reaper.watching.remote()) == [alive_id]
+    ray.get(reaper.forget.remote(alive_id))
+    ray.kill(alive)
+    time.sleep(3 * PING_EVERY_S)
+    assert state(alive_group) == "CREATED"  # forgotten: a controller that ends removes its own
+    ray.util.remove_placement_group(alive_group)
+
+
+def test_train_runs_are_watched_by_the_reaper_instead_of_a_cleaner_each(ray_local):
+    """Ray 2.60's per-run PlacementGroupCleaner (a process per trial, ~1 s of each teardown
+    here, up to 12 s on a slow machine) is replaced by the reaper's callback; without a reaper
+    Ray's own cleaner stays."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from harness.sweep.reaper import start_reaper, train_trainer_class
+
+    def kinds(reaper):
+        cls, extra = train_trainer_class(reaper)
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in [*trainer._create_default_callbacks(), *extra]]
+
+    assert PlacementGroupCleanerCallback.__name__ in kinds(None)
+    watched = kinds(start_reaper())
+    assert PlacementGroupCleanerCallback.__name__ not in watched and "ReaperCallback" in watched

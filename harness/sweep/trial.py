@@ -61,15 +61,17 @@ def fit_stages(cell: Cell, run: RunInfo, trial_id: str, stages: list[str], *, ar
     run trains and publishes. Returns each stage's output up to the first that failed.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from harness.sweep.reaper import find_reaper, train_trainer_class
     from harness.sweep.worker import train_worker
 
     res = run.resources
     use_gpu = res.gpus_per_worker > 0
     train_fs, train_path = run.storage().arrow("train")  # a local folder or the run's bucket prefix
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer_class, watched = train_trainer_class(find_reaper())
+    trainer = trainer_class(
         train_worker,
         train_loop_config=WorkerJob(cell=cell, stages=tuple(stages), artifacts=artifacts, produce=produce, run=run,
                                     trial_id=trial_id, threads=int(res.cpus_per_worker)).to_dict(),
@@ -80,7 +82,7 @@ def fit_stages(cell: Cell, run: RunInfo, trial_id: str, stages: list[str], *, ar
             name=trial_id, storage_path=train_path, storage_filesystem=train_fs,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[last_stage_reports(cell.stages[-1])]))
+            callbacks=[last_stage_reports(cell.stages[-1]), *watched]))
     started = time.time()
     outputs = trainer.fit().return_value or {stages[0]: StageOutput.failed("the Train run returned no result")}
     last = outputs[next(reversed(outputs))]

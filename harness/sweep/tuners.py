@@ -198,9 +198,11 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
     from ray import tune
 
     from harness.sweep.loggers import check_loggers, logger_callbacks
+    from harness.sweep.reaper import start_reaper
     from harness.sweep.trial import run_trial
 
     check_loggers(loggers, run_dir=run.run_dir)
+    start_reaper()  # placement groups of trials killed mid-run are freed for the next ones
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     fs, storage = run.storage().arrow("tune")
 
