@@ -300,6 +300,28 @@ def test_loader_workers_reuse_their_shared_buffers(synthetic, monkeypatch):
     assert received["buffers"] <= 2 * loader.collate_fn.slots < received["batches"] / 4, received
 
 
+@pytest.mark.timeout(hang_guard(8))
+def test_a_loader_dropped_mid_epoch_lets_its_workers_go(synthetic):
+    """A stage that fails mid-epoch drops its loader: the receiving thread stops and the loader
+    workers exit (nothing lives on for the rest of the Train worker's life)."""
+    import gc
+    import threading
+    import time
+    ann, root = synthetic
+    loader = train_loader(CocoDetection(load_coco(ann, root)), 2, seed=0, num_workers=2)
+    next(iter(loader))
+    workers = list(loader._iterator._workers)
+    assert any(t.name == "detbench-loader-receive" for t in threading.enumerate())
+    del loader
+    gc.collect()
+    deadline = time.time() + hang_guard(2)
+    while time.time() < deadline and (any(w.is_alive() for w in workers)
+                                      or any(t.name == "detbench-loader-receive" for t in threading.enumerate())):
+        time.sleep(0.1)
+    assert not any(w.is_alive() for w in workers)
+    assert not any(t.name == "detbench-loader-receive" for t in threading.enumerate())
+
+
 def test_a_stale_lease_frees_no_buffer():
     from harness.data.transfer import PackingCollate
     pool = PackingCollate(list, num_workers=1, slots=2)

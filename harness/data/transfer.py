@@ -271,36 +271,17 @@ _END = object()
 
 class _ReceivingIterator:
     """Batches of ``source`` passed through ``receive`` on a thread, at most ``depth`` ahead; an
-    exception of ``source`` (a worker's, with its file named) is raised by ``__next__``."""
+    exception of ``source`` (a worker's, with its file named) is raised by ``__next__``. The
+    thread holds no reference to this object: when the loader is dropped mid-epoch (a stage
+    that failed), the thread stops and lets the workers go."""
 
     def __init__(self, source, receive, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self._thread = threading.Thread(target=self._run, args=(source, receive, device), daemon=True,
-                                        name="detbench-loader-receive")
+        self._thread = threading.Thread(target=_receive_into, args=(source, receive, self._queue, self._stop, device),
+                                        daemon=True, name="detbench-loader-receive")
         self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, source, receive, device) -> None:
-        if device is not None:  # pinned buffers without a CUDA context on device 0 (as torch's pin thread)
-            torch.cuda.set_device(device)
-        try:
-            for packed in source:
-                if not self._put((receive(packed), None)):
-                    return
-        except BaseException as e:  # noqa: BLE001  handed to the training thread, raised there
-            self._put((None, e))
-            return
-        self._put((_END, None))
 
     def __iter__(self):
         return self
@@ -322,3 +303,28 @@ class _ReceivingIterator:
                 self._queue.get(timeout=0.1)
             except queue.Empty:
                 pass
+
+    def __del__(self):
+        self._stop.set()
+
+
+def _receive_into(source, receive, out: queue.Queue, stop: threading.Event, device) -> None:
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    if device is not None:  # pinned buffers without a CUDA context on device 0 (as torch's pin thread)
+        torch.cuda.set_device(device)
+    try:
+        for packed in source:
+            if not put((receive(packed), None)):
+                return
+    except BaseException as e:  # noqa: BLE001  handed to the training thread, raised there
+        put((None, e))
+        return
+    put((_END, None))
