@@ -195,6 +195,7 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
     cells to run again in an experiment of their own (``retry<k>``). ``loggers``: the suite's
     live monitors (:mod:`harness.sweep.loggers`), fresh callbacks for each experiment, after ``callbacks``.
     """
+    import ray
     from ray import tune
 
     from harness.sweep.loggers import check_loggers, logger_callbacks
@@ -202,7 +203,8 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
     from harness.sweep.trial import run_trial
 
     check_loggers(loggers, run_dir=run.run_dir)
-    start_reaper()  # placement groups of trials killed mid-run are freed for the next ones
+    if ray.is_initialized():  # init_ray ran (always, from the runner): trials' placement groups are watched
+        start_reaper()
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     fs, storage = run.storage().arrow("tune")
 
