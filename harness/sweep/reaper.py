@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import ray
 
@@ -36,7 +37,6 @@ class PlacementGroupReaper:
     def __init__(self):
         self._watched: dict[str, tuple] = {}
         self._lock = threading.Lock()
-        self.removed: list[str] = []  # placement groups removed, for the record (and tests)
         threading.Thread(target=self._loop, name="detbench-pg-reaper", daemon=True).start()
 
     def watch(self, controller_id: str, controller, placement_group) -> None:
@@ -52,12 +52,9 @@ class PlacementGroupReaper:
         with self._lock:
             return sorted(self._watched)
 
-    def removed_groups(self) -> list[str]:
-        return list(self.removed)
-
     def _loop(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(PING_EVERY_S):
+        while True:
+            time.sleep(PING_EVERY_S)
             with self._lock:
                 watched = dict(self._watched)
             if not watched:
@@ -83,7 +80,6 @@ class PlacementGroupReaper:
                 ray.util.remove_placement_group(placement_group)
                 log.warning("Train controller %s died: removed its placement group %s", controller_id,
                             placement_group.id.hex())
-            self.removed.append(placement_group.id.hex())
         except Exception as e:  # noqa: BLE001  the reaper must outlive one failed removal
             log.warning("could not remove the placement group of dead Train controller %s: %s", controller_id, e)
 
