@@ -27,7 +27,8 @@ def test_two_epochs_history_and_eval(tiny_data):
     assert calls == [1, 2] and state.epoch == 2
     assert [r["epoch"] for r in state.history] == [1, 2]
     rec = state.history[-1]
-    assert {"train/loss", "train/loss_classifier", "val/AP", "val/AP50", "time/epoch_s"} <= set(rec)
+    assert {"train/loss", "train/loss_classifier", "val/AP", "val/AP50", "time/epoch_s", "time/step_s"} <= set(rec)
+    assert 0 < rec["time/step_s"] < rec["time/epoch_s"]  # the median of the epoch's several steps
     assert set(state.last_eval) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert set(state.cost) == {"cost/params_M", "cost/neck_params_M", "cost/gflops", "cost/neck_gflops",
                                "cost/latency_ms", "cost/peak_mem_mb", "cost/train_images_per_s"}

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -318,12 +319,17 @@ def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimiz
     """One epoch of SGD; the mean of every loss term (over steps and ranks) as ``train/<term>``.
 
     Loss values stay on the device (summed there) and finiteness is looked at every
-    :data:`FINITE_CHECK_EVERY` steps: no host sync per step.
+    :data:`FINITE_CHECK_EVERY` steps: no host sync per step. ``time/step_s`` is the median
+    wall time of a step, loading included: robust to the epoch's first steps (workers
+    warming up, the last epoch's checkpoint uploading) where the epoch's mean is not. On a
+    GPU the host runs ahead of the device only until the launch queue fills, so over an
+    epoch the host's step time is the device's.
     """
     s, device = job.schedule, ctx.device
     sums: dict[str, torch.Tensor] = {}
     watch = FiniteWatch(device)
     steps = 0
+    stamps = [time.perf_counter()]
     for step, (images, targets) in enumerate(loader):
         ctx.step_in_epoch = step
         set_lr(optimizer, epoch * len(loader) + step, total_steps, s)
@@ -347,10 +353,14 @@ def train_one_epoch(job: StageJob, model: nn.Module, trained: nn.Module, optimiz
         steps += 1
         if steps % FINITE_CHECK_EVERY == 0 or step + 1 == len(loader) or steps == max_steps:
             watch.check(epoch, world_size)
+        stamps.append(time.perf_counter())
         if max_steps is not None and steps >= max_steps:
             break
     values = {k: float(v) for k, v in zip(sums, torch.stack(list(sums.values())).tolist())} if sums else {}
-    return {f"train/{k}": v / max(1, steps) for k, v in _all_mean(values, world_size).items()}
+    record = {f"train/{k}": v / max(1, steps) for k, v in _all_mean(values, world_size).items()}
+    if steps:
+        record["time/step_s"] = statistics.median([b - a for a, b in zip(stamps, stamps[1:])])
+    return record
 
 
 def evaluate_stage(job: StageJob, detector: nn.Module, val_index, state: StageState, ctx: StageContext, *,
