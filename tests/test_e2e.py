@@ -296,3 +296,43 @@ def test_train_runs_are_watched_by_the_reaper_instead_of_a_cleaner_each(ray_loca
     assert PlacementGroupCleanerCallback.__name__ in kinds(None)
     watched = kinds(start_reaper())
     assert PlacementGroupCleanerCallback.__name__ not in watched and "ReaperCallback" in watched
+    assert "DatasetsCallback" not in kinds(None) and "DatasetsCallback" not in watched
+
+
+def test_a_trial_starts_no_train_actor_that_detbench_does_not_use(micro_run, ray_local):
+    """Per Train run Ray 2.60 starts a DatasetManager (even without Ray datasets), a
+    PreemptionWatcher and a PlacementGroupCleaner: three processes per trial, each start
+    competing with the worker's own on a small machine (#35). The micro run's trials made none."""
+    from ray.util.state import list_actors
+
+    classes = [a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)]
+    assert classes.count("TrainController") >= 3  # the query sees the finished runs' actors
+    assert not {"DatasetManager", "PreemptionWatcher", "PlacementGroupCleaner"} & set(classes)
+
+
+@pytest.mark.timeout(hang_guard(30))
+def test_the_train_run_returns_plain_data(tmp_path, tiny_data, ray_local):
+    """What the workers return passes through the Train controller, which unpickles it: a
+    detbench record there would import detbench and torchvision in the controller, ~2 s of
+    every trial's teardown on two cores (#35). It is plain data, read back by the trial."""
+    import pickle
+
+    from ray.train import RunConfig, ScalingConfig
+
+    from harness.config import DetectorSpec, ScheduleSpec
+    from harness.data import PreparedDataset
+    from harness.plan import Cell, StageOutput
+    from harness.sweep import train_worker
+    from harness.sweep.reaper import train_trainer_class
+
+    cell = Cell(cell_id="faster_rcnn/tiny/seed0", method="faster_rcnn", label="faster_rcnn", variant="",
+                stages=("train",), method_config={}, detector=DetectorSpec(fpn_width=16, image_size=64),
+                arch="faster_rcnn", schedule=ScheduleSpec(epochs=1, batch_size=4, warmup_iters=0, loader_workers=0),
+                dataset=PreparedDataset(**tiny_data), seed=0)
+    trainer_class, callbacks = train_trainer_class(None)
+    returned = trainer_class(train_worker, train_loop_config={"cell": cell.to_dict(), "stages": ["train"], "threads": 1},
+                             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.99}),
+                             run_config=RunConfig(name="plain", storage_path=str(tmp_path), callbacks=callbacks)
+                             ).fit().return_value
+    assert b"harness." not in pickle.dumps(returned)  # no detbench class to import where it is unpickled
+    assert StageOutput.from_dict(returned["train"]).ok

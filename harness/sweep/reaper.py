@@ -119,19 +119,22 @@ def find_reaper():
 
 
 def train_trainer_class(reaper):
-    """``TorchTrainer``, or with ``reaper``: a subclass whose runs are watched by it instead of a
-    ``PlacementGroupCleaner`` each (Ray 2.60's ``_create_default_callbacks``; a test checks it)."""
+    """``TorchTrainer`` without the per-run processes detbench has no use for (Ray 2.60's
+    ``_create_default_callbacks``; a test checks the list): the ``DatasetManager`` actor that
+    Ray starts for every run even without Ray datasets (detbench's workers load their own data)
+    and, with ``reaper``, the ``PlacementGroupCleaner`` it replaces. On two cores each process's
+    start competes with the worker's own. Returns the class and the callbacks the run adds."""
     from ray.train.torch import TorchTrainer
-    if reaper is None:
-        return TorchTrainer, []
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class WatchedTorchTrainer(TorchTrainer):
+    class DetbenchTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            dropped = (() if self.datasets else (DatasetsCallback,)) + \
+                      ((PlacementGroupCleanerCallback,) if reaper is not None else ())
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
 
-    return WatchedTorchTrainer, [_reaper_callback(reaper)]
+    return DetbenchTorchTrainer, ([_reaper_callback(reaper)] if reaper is not None else [])
 
 
 def _reaper_callback(reaper):

@@ -84,7 +84,9 @@ def fit_stages(cell: Cell, run: RunInfo, trial_id: str, stages: list[str], *, ar
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[last_stage_reports(cell.stages[-1]), *watched]))
     started = time.time()
-    outputs = trainer.fit().return_value or {stages[0]: StageOutput.failed("the Train run returned no result")}
+    returned = trainer.fit().return_value
+    outputs = ({s: StageOutput.from_dict(d) for s, d in returned.items()} if returned
+               else {stages[0]: StageOutput.failed("the Train run returned no result")})
     last = outputs[next(reversed(outputs))]
     last.final[COST_TRAIN_RUN_S] = time.time() - started  # the whole Train run: start-up, stages, teardown
     return outputs

@@ -81,9 +81,12 @@ def publish_artifact(store: ArtifactStore, key: str, cell: Cell, stage: str, det
                                                "trial_id": trial_id})
 
 
-def train_worker(config: dict) -> dict[str, StageOutput]:
+def train_worker(config: dict) -> dict[str, dict]:
     """Ray Train worker loop over a :class:`WorkerJob` (``config``: its ``to_dict``, Train's
-    ``train_loop_config``); rank 0's return value (stage -> output, in order) goes back to the trial."""
+    ``train_loop_config``); rank 0's return value (stage -> ``StageOutput.to_dict()``, in order)
+    goes back to the trial. Plain data, because the Train controller unpickles it on its way: a
+    ``StageOutput`` would make the controller import detbench, torchvision with it (~2 s of every
+    trial's teardown on two cores)."""
     entered = time.time()
     import ray.train
     import ray.train.torch
@@ -128,7 +131,7 @@ def train_worker(config: dict) -> dict[str, StageOutput]:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return outputs
+    return {s: o.to_dict() for s, o in outputs.items()}
 
 
 def _train(job, device, rank: int, world: int, state, model_state, resumes: int,
