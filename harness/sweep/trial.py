@@ -18,6 +18,7 @@ without holding workers) and its worker group publishes it mid-run.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import replace
@@ -168,7 +169,8 @@ def run_trial(config: dict) -> None:
     if done is not None:
         ray.tune.report(report_of_rows(done, cell))
         return
-    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id()}
+    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id(),
+              "pid": os.getpid()}  # the trial actor's process (a grid's trials reuse ended ones)
     storage.create(f"trials/{trial_id}.json", json.dumps(marker).encode())  # the first start is kept
     t0 = time.time()
     outputs = run_stages(cell, run, trial_id)
