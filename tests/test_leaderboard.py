@@ -242,3 +242,66 @@ def test_latex_leaderboard_is_booktabs_with_grouped_headers(store):
     tex = render_leaderboard(store.read(), "tex")
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
     assert r"\multicolumn{2}{c}{voc/clean}" in tex and r"\textbf{55.5 $\pm$ 0.7}" in tex
+
+
+def _wide_board(datasets=("coco", "visdrone", "weather"), conditions=("clean", "fog@3", "snow@3", "rain@3")):
+    """A sweep-sized board: 5 rows x datasets x conditions x (AP, AP50), gains with intervals."""
+    from harness.evaluate.bootstrap import DeltaInterval
+    rows, methods = [], ["faster_rcnn", "fctl", "focal", "umop", "defeat"]
+    for d in datasets:
+        for c in conditions:
+            name, sev = (c.split("@")[0], int(c.split("@")[1])) if "@" in c else (c, 0)
+            for k, m in enumerate(methods):
+                for seed in (0, 1):
+                    common = dict(BASE, dataset=d, cell=f"{d}/{c}", trial_id=f"{m}-{d}-{seed}", method=m,
+                                  variant="", seed=seed, status="ok", condition=name, severity=sev)
+                    rows += [ResultRow(**common, metric="AP", value=0.30 + k / 50 + seed / 100),
+                             ResultRow(**common, metric="AP50", value=0.50 + k / 50 + seed / 100)]
+    import pandas as pd
+    df = pd.DataFrame([r.__dict__ for r in rows])
+    intervals = {(m, d, c): {"AP": DeltaInterval("AP", 0.02, 0.01 if m != "umop" else -0.01, 0.03, 1000, 0.95)}
+                 for m in methods[1:] for d in datasets for c in conditions}
+    return build_leaderboard(df, baselines={m: "faster_rcnn" for m in methods[1:]}, intervals=intervals)
+
+
+def test_terminal_leaderboard_fits_120_columns_split_by_dataset():
+    """The markdown board keeps every gain's interval and baseline; the terminal shows a gain
+    as +x.x† and splits the table by dataset, no line over 120 characters (#34)."""
+    board = _wide_board()
+    assert "[+1.0, +3.0]† vs faster_rcnn" in render_leaderboard(board, "md")  # the long form stays there
+    term = format_for_terminal(board)
+    lines = term.splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    assert [line for line in lines if line.startswith("[")] == \
+        ["[coco]", "[coco (continued)]", "[visdrone]", "[visdrone (continued)]", "[weather]",
+         "[weather (continued)]"]
+    blocks = [b.splitlines() for b in term.split("\n\n")]
+    coco_gains = next(b for b in blocks if b[0] == "[coco (continued)]")
+    assert coco_gains[1].split() == ["method", "ΔAP/clean", "ΔAP/fog@3", "ΔAP/rain@3", "ΔAP/snow@3"]
+    rows = {line.split()[0]: line.split()[1:] for line in coco_gains[2:]}
+    assert rows["fctl"] == ["+2.0†"] * 4 and rows["umop"] == ["+6.0"] * 4 and rows["faster_rcnn"] == []
+    assert "vs faster_rcnn" not in term and "[+1.0" not in term
+    last = next(b for b in blocks if b[0] == "[weather (continued)]")
+    assert last[1].split()[-2:] == ["seeds", "failed"]
+    assert lines[-2].startswith("Δ: points over the row's baseline, †")
+    coco = next(b for b in blocks if b[0] == "[coco]")
+    assert coco[1].split()[1:3] == ["clean/AP", "clean/AP50"] and "38.5 ± 0.7*" in coco[2]
+
+
+def test_terminal_leaderboard_in_one_table_when_it_fits(store):
+    term = format_for_terminal(store.read())
+    assert term.splitlines()[0].split() == ["method", "voc/clean/AP", "voc/clean/AP50", "voc/fog@2/AP", "seeds",
+                                            "failed"]
+    assert not [line for line in term.splitlines() if line.startswith("[")] and "Δ:" not in term
+
+
+def test_terminal_leaderboard_wraps_a_dataset_wider_than_the_terminal():
+    conditions = ("clean", *(f"{c}@{s}" for c in ("fog", "snow", "frost") for s in (1, 3, 5)))
+    term = format_for_terminal(_wide_board(datasets=("coco",), conditions=conditions))
+    lines = term.splitlines()
+    assert max(map(len, lines)) <= 120
+    assert lines[0] == "[coco]" and lines.count("[coco (continued)]") >= 2
+    heads = " ".join(line for line in lines if line.startswith("method")).split()
+    assert sorted(h for h in heads if h != "method") == \
+        sorted([f"{c}/{m}" for c in conditions for m in ("AP", "AP50")] + [f"ΔAP/{c}" for c in conditions]
+               + ["seeds", "failed"])

@@ -115,7 +115,7 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
         order = sorted(labels, key=lambda lab: (bool(np.isnan(first[lab])),
                                                 -np.nan_to_num(first[lab]), lab))
         mean, std, text = mean.loc[order], std.loc[order], text.loc[order]
-    notes = []
+    notes, compact = [], {}
     for lab, ref in baseline_pairs(mean.index, baselines):  # gain over the method's baseline row
         for d, c, m in [col for col in cols if col[2] == metrics[0]]:
             a, b = mean.loc[lab, (d, c, m)], mean.loc[ref, (d, c, m)]
@@ -126,13 +126,15 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
                 iv = (intervals or {}).get((lab, d, c), {}).get(m)
                 ci = f" [{iv.low * 100:+.1f}, {iv.high * 100:+.1f}]{'†' if iv.excludes_zero else ''}" if iv else ""
                 text.loc[lab, (f"Δ{m} vs baseline", f"{d}/{c}", "")] = f"{a - b:+.1f}{rel}{ci} vs {ref}"
+                compact[(lab, (f"Δ{m} vs baseline", f"{d}/{c}", ""))] = \
+                    f"{a - b:+.1f}{'†' if iv and iv.excludes_zero else ''}"
     smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
     if published and not smoke:
         _add_published(text, mean, published)
     text = text.fillna("")
     text[("seeds", "", "")] = [int(seeds.get(lab, 0)) for lab in text.index]
     text[("failed", "", "")] = [int(failed.get(lab, 0)) for lab in text.index]
-    text.attrs.update(mean=mean, std=std, smoke=smoke, notes=notes)
+    text.attrs.update(mean=mean, std=std, smoke=smoke, notes=notes, compact=compact)
     return text
 
 
@@ -317,16 +319,85 @@ def render_leaderboard(df: pd.DataFrame, fmt: str = "md", *, smoke: bool = False
     return "\n".join(lines + (["", footer] if footer else [])) + "\n"
 
 
+#: Columns a terminal leaderboard fits in.
+TERMINAL_WIDTH = 120
+TERMINAL_DELTA_NOTE = ("Δ: points over the row's baseline, † where its bootstrap interval excludes 0.\n"
+                       "Each row's baseline and interval: leaderboard.md, report.html.")
+
+
 def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),
-                        baselines: dict[str, str] | None = None) -> str:
-    """Plain-text table for the CLI; best cells get a trailing ``*``."""
+                        baselines: dict[str, str] | None = None, *, width: int = TERMINAL_WIDTH) -> str:
+    """Plain-text table for the CLI, no line wider than ``width``; best cells get a trailing ``*``.
+
+    A gain over the baseline is shown as ``+3.1†`` (the interval and the baseline's name stay
+    in leaderboard.md, the tables and report.html). A table too wide is split by dataset, each
+    part repeating the method column, and a dataset too wide for one part is wrapped.
+    """
     board = build_leaderboard(df, metrics, baselines=baselines) if _is_rows(df) else df
     prefix = SMOKE_BANNER + "\n" if board.attrs.get("smoke") else ""
     if len(board.columns) <= len(_EXTRA) or not len(board):
         return prefix + _empty_message(board)
-    head, body = _table(board, lambda s: s + "*")
-    flat = pd.DataFrame([r[1:] for r in body], index=[r[0] for r in body], columns=head[1:])
-    return prefix + flat.to_string()
+    best, compact = _best_mask(board), board.attrs.get("compact", {})
+    columns = []  # (dataset or "" for seeds / failed / published, header, header within its dataset, cells)
+    for col in board.columns:
+        is_delta = str(col[0]).startswith("Δ") and col[1]
+        cells = []
+        for lab, val in board[col].items():
+            text = compact.get((lab, col), str(val))
+            cells.append(text + "*" if col in best.columns and bool(best.loc[lab, col]) else text)
+        metric = str(col[0]).split(" ")[0]
+        if is_delta:  # ("ΔAP vs baseline", "coco/clean", "")
+            group, within = str(col[1]).split("/")[0], str(col[1]).split("/", 1)[1]
+            header, short = f"{metric}/{col[1]}", f"{metric}/{within}"
+        else:
+            group = str(col[0]) if col[1] else ""
+            header = _header(col)
+            short = "/".join(str(p) for p in col[1:] if p != "") if group else header
+        columns.append((group, header, short, cells))
+    labels = [str(lab) for lab in board.index]
+    label_w = max(len("method"), *(len(lab) for lab in labels))
+
+    def render(idx: list[int], short: bool, title: str = "") -> str:
+        heads = [columns[i][2 if short else 1] for i in idx]
+        widths = [max(len(h), *(len(c) for c in columns[i][3])) for h, i in zip(heads, idx)]
+        lines = ([title] if title else []) + \
+            ["method".ljust(label_w) + "".join("  " + h.rjust(w) for h, w in zip(heads, widths))]
+        lines += [lab.ljust(label_w) + "".join("  " + columns[i][3][r].rjust(w) for i, w in zip(idx, widths))
+                  for r, lab in enumerate(labels)]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def fits(idx: list[int], short: bool) -> bool:
+        return max(len(line) for line in render(idx, short).splitlines()) <= width
+
+    everything = list(range(len(columns)))
+    if fits(everything, short=False):
+        blocks = [render(everything, short=False)]
+    else:  # one part per dataset, its name above it and not in each header; wrapped when too wide
+        groups: dict[str, list[int]] = {}
+        for i, column in enumerate(columns):
+            groups.setdefault(column[0], []).append(i)
+        trailing = groups.pop("", [])
+        parts: list[tuple[str, list[int]]] = []
+        for group, idx in groups.items():
+            part: list[int] = []
+            for i in idx:
+                if part and not fits(part + [i], short=True):
+                    parts.append((group, part))
+                    part = []
+                part.append(i)
+            parts.append((group, part))
+        if trailing and parts and fits(parts[-1][1] + trailing, short=True):
+            parts[-1] = (parts[-1][0], parts[-1][1] + trailing)
+        elif trailing:
+            parts.append(("", trailing))
+        seen: set[str] = set()
+        blocks = []
+        for group, idx in parts:
+            title = (f"{group} (continued)" if group in seen else group) if group else ""
+            seen.add(group)
+            blocks.append(render(idx, short=True, title=f"[{title}]" if title else ""))
+    note = "\n\n" + TERMINAL_DELTA_NOTE if compact else ""
+    return prefix + "\n\n".join(blocks) + note
 
 
 def write_leaderboard(run_dir: str | Path | Storage, fmt: str = "md", *, metrics=("AP", "AP50"),
