@@ -170,7 +170,7 @@ def run_trial(config: dict) -> None:
         ray.tune.report(report_of_rows(done, cell))
         return
     marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id(),
-              "pid": os.getpid()}  # the trial actor's process (a grid's trials reuse ended ones)
+              "pid": os.getpid()}  # the trial actor's process
     storage.create(f"trials/{trial_id}.json", json.dumps(marker).encode())  # the first start is kept
     t0 = time.time()
     outputs = run_stages(cell, run, trial_id)

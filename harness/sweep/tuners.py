@@ -228,17 +228,11 @@ def run_sweep(cells: list[Cell], run: RunInfo, *, concurrency: int, callbacks=()
         return tuner.fit()
 
     def grid_tuner(name: str, group: list[Cell]):
-        """The cells of a grid, each trial in the previous one's trial actor where one has ended
-        (``reuse_actors``): a fresh one imports detbench, torch and torchvision first, ~4 s of
-        the gap between two trials on 2 cores (#35). Only here: a grid's trials end by returning,
-        while a search's scheduler stops trials whose Train run is still inside ``fit()``, and
-        Tune would keep such an actor, still training, for the next trial, whose reset fails."""
         space = {"cell": tune.grid_search([c.to_dict() for c in group]), "run": run.to_dict()}
         cbs = monitored()
         return fit(name, lambda: tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
-                                        reuse_actors=True),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
             run_config=_tune_run_config(name, run, cbs)),
             space, cbs)
 
