@@ -80,7 +80,7 @@ def bench_overhead(tmp: Path, loader_workers: int = 0, setup=SMALL) -> None:
                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1 + loader_workers}),
                           run_config=RunConfig(name=f"bench{loader_workers}", storage_path=str(tmp / "ray"))).fit()
     ray.shutdown()
-    history = result.return_value["train"]["history"]
+    history = result.return_value["train"].history
     t_ray, report = _per_step(history), _report_s(history)
     what = "R50-FPN torchvision_v1 preset, 800/1333" if setup is PRESET else "r18/FPN64/128px"
     target = "1.05" if setup is PRESET and loader_workers else "1.10"

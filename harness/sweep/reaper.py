@@ -119,22 +119,19 @@ def find_reaper():
 
 
 def train_trainer_class(reaper):
-    """``TorchTrainer`` without the per-run processes detbench has no use for (Ray 2.60's
-    ``_create_default_callbacks``; a test checks the list): the ``DatasetManager`` actor that
-    Ray starts for every run even without Ray datasets (detbench's workers load their own data)
-    and, with ``reaper``, the ``PlacementGroupCleaner`` it replaces. On two cores each process's
-    start competes with the worker's own. Returns the class and the callbacks the run adds."""
+    """``TorchTrainer``, or with ``reaper``: a subclass whose runs are watched by it instead of a
+    ``PlacementGroupCleaner`` each (Ray 2.60's ``_create_default_callbacks``; a test checks it)."""
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    if reaper is None:
+        return TorchTrainer, []
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class DetbenchTorchTrainer(TorchTrainer):
+    class WatchedTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            dropped = (() if self.datasets else (DatasetsCallback,)) + \
-                      ((PlacementGroupCleanerCallback,) if reaper is not None else ())
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
 
-    return DetbenchTorchTrainer, ([_reaper_callback(reaper)] if reaper is not None else [])
+    return WatchedTorchTrainer, [_reaper_callback(reaper)]
 
 
 def _reaper_callback(reaper):

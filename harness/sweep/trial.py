@@ -18,7 +18,6 @@ without holding workers) and its worker group publishes it mid-run.
 from __future__ import annotations
 
 import json
-import os
 import time
 import traceback
 from dataclasses import replace
@@ -85,9 +84,7 @@ def fit_stages(cell: Cell, run: RunInfo, trial_id: str, stages: list[str], *, ar
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[last_stage_reports(cell.stages[-1]), *watched]))
     started = time.time()
-    returned = trainer.fit().return_value
-    outputs = ({s: StageOutput.from_dict(d) for s, d in returned.items()} if returned
-               else {stages[0]: StageOutput.failed("the Train run returned no result")})
+    outputs = trainer.fit().return_value or {stages[0]: StageOutput.failed("the Train run returned no result")}
     last = outputs[next(reversed(outputs))]
     last.final[COST_TRAIN_RUN_S] = time.time() - started  # the whole Train run: start-up, stages, teardown
     return outputs
@@ -169,8 +166,7 @@ def run_trial(config: dict) -> None:
     if done is not None:
         ray.tune.report(report_of_rows(done, cell))
         return
-    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id(),
-              "pid": os.getpid()}  # the trial actor's process
+    marker = {"cell": cell.cell_id, "trial_id": trial_id, "started": time.time(), "node": node_id()}
     storage.create(f"trials/{trial_id}.json", json.dumps(marker).encode())  # the first start is kept
     t0 = time.time()
     outputs = run_stages(cell, run, trial_id)

@@ -27,12 +27,8 @@ from harness.sweep.space import trial_cell, trial_config, tune_space
 log = logging.getLogger(__name__)
 
 #: Set for every Ray process: Train's per-report health-check wait is 2 s by default; Tune's
-#: experiment state (what a resume restores) is saved every 5 s instead of an adaptive period;
-#: no ``PreemptionWatcher`` actor per Train run (its only output is ``ray.train.get_preemption_info``
-#: for the training function, which detbench does not read: it checkpoints every epoch, and a
-#: lost node restarts the group either way).
+#: experiment state (what a resume restores) is saved every 5 s instead of an adaptive period.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "TUNE_GLOBAL_CHECKPOINT_S": "5",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 

@@ -81,12 +81,9 @@ def publish_artifact(store: ArtifactStore, key: str, cell: Cell, stage: str, det
                                                "trial_id": trial_id})
 
 
-def train_worker(config: dict) -> dict[str, dict]:
+def train_worker(config: dict) -> dict[str, StageOutput]:
     """Ray Train worker loop over a :class:`WorkerJob` (``config``: its ``to_dict``, Train's
-    ``train_loop_config``); rank 0's return value (stage -> ``StageOutput.to_dict()``, in order)
-    goes back to the trial. Plain data, because the Train controller unpickles it on its way: a
-    ``StageOutput`` would make the controller import detbench, torchvision with it (~2 s of every
-    trial's teardown on two cores)."""
+    ``train_loop_config``); rank 0's return value (stage -> output, in order) goes back to the trial."""
     entered = time.time()
     import ray.train
     import ray.train.torch
@@ -131,7 +128,7 @@ def train_worker(config: dict) -> dict[str, dict]:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {s: o.to_dict() for s, o in outputs.items()}
+    return outputs
 
 
 def _train(job, device, rank: int, world: int, state, model_state, resumes: int,
