@@ -124,10 +124,11 @@ def build_leaderboard(df: pd.DataFrame, metrics=("AP", "AP50"), *,
             if not (np.isnan(a) or np.isnan(b)):
                 rel = f" ({(a - b) / b * 100:+.1f}%)" if b else ""
                 iv = (intervals or {}).get((lab, d, c), {}).get(m)
-                ci = f" [{iv.low * 100:+.1f}, {iv.high * 100:+.1f}]{'†' if iv.excludes_zero else ''}" if iv else ""
-                text.loc[lab, (f"Δ{m} vs baseline", f"{d}/{c}", "")] = f"{a - b:+.1f}{rel}{ci} vs {ref}"
-                compact[(lab, (f"Δ{m} vs baseline", f"{d}/{c}", ""))] = \
-                    f"{a - b:+.1f}{'†' if iv and iv.excludes_zero else ''}"
+                mark = "†" if iv and iv.excludes_zero else ""
+                ci = f" [{iv.low * 100:+.1f}, {iv.high * 100:+.1f}]{mark}" if iv else ""
+                col = (f"Δ{m} vs baseline", f"{d}/{c}", "")
+                text.loc[lab, col] = f"{a - b:+.1f}{rel}{ci} vs {ref}"
+                compact[(lab, col)] = f"{a - b:+.1f}{mark}"  # the terminal's form
     smoke = bool(df["smoke"].any()) if "smoke" in df.columns else False
     if published and not smoke:
         _add_published(text, mean, published)
@@ -337,37 +338,34 @@ def format_for_terminal(df: pd.DataFrame, metrics=("AP", "AP50"),
     prefix = SMOKE_BANNER + "\n" if board.attrs.get("smoke") else ""
     if len(board.columns) <= len(_EXTRA) or not len(board):
         return prefix + _empty_message(board)
-    best, compact = _best_mask(board), board.attrs.get("compact", {})
+    compact = board.attrs.get("compact", {})
+    _, body = _table(board, lambda s: s + "*")  # a gain is never a best mean: its cell is free to shorten
+    labels = [str(lab) for lab in board.index]
     columns = []  # (dataset or "" for seeds / failed / published, header, header within its dataset, cells)
-    for col in board.columns:
-        is_delta = str(col[0]).startswith("Δ") and col[1]
-        cells = []
-        for lab, val in board[col].items():
-            text = compact.get((lab, col), str(val))
-            cells.append(text + "*" if col in best.columns and bool(best.loc[lab, col]) else text)
-        metric = str(col[0]).split(" ")[0]
-        if is_delta:  # ("ΔAP vs baseline", "coco/clean", "")
-            group, within = str(col[1]).split("/")[0], str(col[1]).split("/", 1)[1]
+    for j, col in enumerate(board.columns):
+        cells = [compact.get((lab, col), row[j + 1]) for lab, row in zip(board.index, body)]
+        if str(col[0]).startswith("Δ") and col[1]:  # ("ΔAP vs baseline", "coco/clean", "")
+            metric, (group, within) = str(col[0]).split(" ")[0], str(col[1]).split("/", 1)
             header, short = f"{metric}/{col[1]}", f"{metric}/{within}"
         else:
             group = str(col[0]) if col[1] else ""
             header = _header(col)
             short = "/".join(str(p) for p in col[1:] if p != "") if group else header
         columns.append((group, header, short, cells))
-    labels = [str(lab) for lab in board.index]
     label_w = max(len("method"), *(len(lab) for lab in labels))
+    widths = {short: [max(len(c[2 if short else 1]), *(len(v) for v in c[3])) for c in columns]
+              for short in (False, True)}
 
     def render(idx: list[int], short: bool, title: str = "") -> str:
-        heads = [columns[i][2 if short else 1] for i in idx]
-        widths = [max(len(h), *(len(c) for c in columns[i][3])) for h, i in zip(heads, idx)]
+        w = widths[short]
         lines = ([title] if title else []) + \
-            ["method".ljust(label_w) + "".join("  " + h.rjust(w) for h, w in zip(heads, widths))]
-        lines += [lab.ljust(label_w) + "".join("  " + columns[i][3][r].rjust(w) for i, w in zip(idx, widths))
+            ["method".ljust(label_w) + "".join("  " + columns[i][2 if short else 1].rjust(w[i]) for i in idx)]
+        lines += [lab.ljust(label_w) + "".join("  " + columns[i][3][r].rjust(w[i]) for i in idx)
                   for r, lab in enumerate(labels)]
         return "\n".join(line.rstrip() for line in lines)
 
-    def fits(idx: list[int], short: bool) -> bool:
-        return max(len(line) for line in render(idx, short).splitlines()) <= width
+    def fits(idx: list[int], short: bool) -> bool:  # every line is padded to this width at most
+        return label_w + sum(widths[short][i] + 2 for i in idx) <= width
 
     everything = list(range(len(columns)))
     if fits(everything, short=False):
